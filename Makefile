@@ -1,0 +1,37 @@
+# numabench: `make demo` installs and runs the main job; `make test` installs and runs the tests.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+# The CPU build of torch. The pin makes pip take the CPU wheel already on disk on our machines;
+# elsewhere set TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" (see README).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS      ?= test,onnx,minilm,plots
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH) $(TORCH_INDEX)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@command -v numactl >/dev/null || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq numactl) >/dev/null; \
+	  else echo "note: numactl not found; install it (apt-get install numactl) to bind memory to NUMA nodes"; fi; }
+	touch $@
+
+demo: install
+	$(VENV)/bin/numabench topology
+	$(VENV)/bin/numabench launch --instances 2 --batch 2 --seq 128 --model bert-base-cased --iterations 20
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check numabench tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,151 @@
+"""The coordinator's end of the worker protocol: one ROUTER socket, every wait bounded.
+
+A dead worker is noticed by its process exit (checked between short polls), not only by
+silence, so a `kill -9` surfaces within a fraction of a second.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from numabench.errors import LaunchError
+from numabench.launcher.procs import ProcessGroup
+from numabench.workers import protocol
+
+POLL_SLICE_MS = 50
+
+
+class WorkerFailed(LaunchError):
+    """An instance died or reported a fatal error; `instance` names it."""
+
+    def __init__(self, instance: int, message: str):
+        self.instance = instance
+        super().__init__(message)
+
+
+class Coordinator:
+    def __init__(self, group: ProcessGroup, transport: str = "ipc", host: str = "127.0.0.1"):
+        self.group = group
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Unroutable sends raise instead of vanishing: a message to a dead worker is an error.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._tmp = None
+        if transport == "ipc":
+            # A private folder (0700) so no other user can connect to the socket.
+            self._tmp = tempfile.mkdtemp(prefix="numabench-")
+            self.endpoint = f"ipc://{self._tmp}/coord.sock"
+            self.sock.bind(self.endpoint)
+        elif transport == "tcp":
+            port = self.sock.bind_to_random_port(f"tcp://{host}")
+            self.endpoint = f"tcp://{host}:{port}"
+        else:
+            raise LaunchError(f"unknown transport {transport!r}; use ipc or tcp")
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self._last_alive_check = 0.0
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def send(self, instance: int, msg_type: str, header: dict[str, Any] | None = None,
+             arrays: dict[str, np.ndarray] | protocol.PreparedArrays | None = None) -> None:
+        frames = protocol.encode(msg_type, header, arrays)
+        try:
+            # copy=True: for the small frames of a shard, copying beats zero-copy bookkeeping.
+            self.sock.send_multipart([protocol.identity(instance)] + frames)
+        except zmq.ZMQError as e:
+            raise WorkerFailed(instance, f"instance {instance} cannot be reached ({e})") from None
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def recv(self, timeout_s: float, watching: frozenset[int] | None = None,
+             what: str = "a reply") -> tuple[int, dict[str, Any], dict[str, np.ndarray]]:
+        """Next message from any worker. Raises WorkerFailed when a watched worker exits or
+        sends a fatal ERROR, and LaunchError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            # Reaping checks cost a syscall per worker: once per poll slice is prompt enough.
+            if now - self._last_alive_check >= POLL_SLICE_MS / 1000:
+                self._check_alive(watching)
+                self._last_alive_check = now
+            left = deadline - now
+            if left <= 0:
+                raise LaunchError(f"timed out after {timeout_s:.0f} s waiting for {what}; "
+                                  f"see the instance logs in {self.group.run_dir}")
+            if self.poller.poll(min(POLL_SLICE_MS, max(int(left * 1000), 1))):
+                frames = self.sock.recv_multipart(copy=False)
+                instance = int(bytes(frames[0].buffer).decode())
+                header, arrays = protocol.decode(frames[1:])
+                if header["type"] == protocol.ERROR and header.get("fatal", True):
+                    raise WorkerFailed(instance, self._failure_text(
+                        instance, f"reported: {header.get('message', 'unknown error')}"))
+                return instance, header, arrays
+
+    def _check_alive(self, watching: frozenset[int] | None) -> None:
+        for e in self.group.exited():
+            if watching is None or e.instance in watching:
+                raise WorkerFailed(e.instance, self._failure_text(e.instance, e.describe()))
+
+    def _failure_text(self, instance: int, what: str) -> str:
+        log = self.group.log_path(instance)
+        return (f"instance {instance} {what}\n--- last lines of {log} ---\n"
+                f"{self.group.tail(instance)}")
+
+    def wait_for(self, msg_type: str, instances: set[int], timeout_s: float,
+                 on_message=None) -> dict[int, dict[str, Any]]:
+        """Collect one `msg_type` message from each of `instances` (others are passed to
+        on_message, e.g. HELLO for progress)."""
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(instances):
+            missing = sorted(instances - set(got))
+            inst, header, _ = self.recv(max(deadline - time.monotonic(), 0.0),
+                                        watching=frozenset(instances),
+                                        what=f"{msg_type} from instance(s) {missing}")
+            if header["type"] == msg_type:
+                got[inst] = header
+            elif header["type"] == protocol.ERROR:
+                raise WorkerFailed(inst, self._failure_text(inst, f"error: {header.get('message')}"))
+            if on_message:
+                on_message(inst, header)
+        return got
+
+    def stop_workers(self, instances: list[int], timeout_s: float = 10.0) -> None:
+        """Ask workers to finish (STOP → BYE); the process group reaps them afterwards."""
+        for i in instances:
+            try:
+                self.send(i, protocol.STOP)
+            except WorkerFailed:
+                pass
+        deadline = time.monotonic() + timeout_s
+        pending = set(instances)
+        while pending and time.monotonic() < deadline:
+            if self.poller.poll(POLL_SLICE_MS):
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    header, _ = protocol.decode(frames[1:])
+                except protocol.ProtocolError:
+                    continue
+                if header["type"] == protocol.BYE:
+                    pending.discard(int(bytes(frames[0].buffer).decode()))
+            pending -= {e.instance for e in self.group.exited()}
+

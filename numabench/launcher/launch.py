@@ -1,0 +1,432 @@
+"""`launch`: start one pinned worker per plan instance, drive a timed workload, record results.
+
+Flow: check everything that can be checked before a process starts → bind and spawn → wait
+for every READY (the clock starts only then) → run the workload in `split` or `throughput`
+mode → stop the workers → write the results document. Any failure stops all instances and
+still writes what was measured, marked as failed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from numabench import __version__
+from numabench.errors import LaunchError, NumabenchError
+from numabench.launcher import binding
+from numabench.launcher.coordinator import Coordinator, WorkerFailed
+from numabench.launcher.procs import ProcessGroup
+from numabench.launcher.progress import Progress
+from numabench.plans.model import Plan
+from numabench.results import (
+    RESULTS_SCHEMA,
+    RESULTS_VERSION,
+    Sample,
+    samples_to_columns,
+    summarize,
+    summary_to_dict,
+    write_json_atomic,
+)
+from numabench.topology.model import Machine
+from numabench.workers import protocol
+
+MODES = ("split", "throughput")
+DEFAULT_ITERATIONS = 20
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What each instance runs, and for how long."""
+
+    model: str = "bert-base-cased"
+    backend: str = "pytorch"
+    precision: str = "fp32"
+    seq: int = 128
+    mode: str = "split"
+    iterations: int | None = None  # split: steps; throughput: requests per instance
+    duration_s: float | None = None
+    warmup: int = 3
+    seed: int = 0
+    text_file: str | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How instances are started and where results go."""
+
+    binder: str = "auto"
+    allocator: str = "default"
+    transport: str = "ipc"
+    run_dir: Path | None = None
+    output: Path | None = None
+    ready_timeout_s: float = 600.0
+    request_timeout_s: float = 300.0
+    grace_s: float = 5.0
+    progress: bool | None = None  # None: only when stderr is a terminal
+    path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
+
+
+class RunInterrupted(LaunchError):
+    exit_code = 130
+
+
+def check_workload(plan: Plan, workload: Workload) -> None:
+    """Refuse bad arguments before anything starts."""
+    from numabench.workers.backends import check_backend
+    from numabench.workers.models import resolve_model
+
+    check_backend(workload.backend, workload.precision)
+    spec = resolve_model(workload.model)
+    if workload.mode not in MODES:
+        raise NumabenchError(f"unknown mode {workload.mode!r}; choose one of {', '.join(MODES)}")
+    if workload.seq < 1:
+        raise NumabenchError(f"--seq must be at least 1 (got {workload.seq})")
+    if spec.max_positions and workload.seq > spec.max_positions:
+        raise NumabenchError(f"--seq {workload.seq} exceeds {workload.model}'s maximum of "
+                             f"{spec.max_positions} positions")
+    if workload.iterations is not None and workload.iterations < 1:
+        raise NumabenchError(f"--iterations must be at least 1 (got {workload.iterations})")
+    if workload.duration_s is not None and workload.duration_s <= 0:
+        raise NumabenchError(f"--duration must be positive (got {workload.duration_s})")
+    if workload.iterations is not None and workload.duration_s is not None:
+        raise NumabenchError("give --iterations or --duration, not both")
+    if workload.warmup < 0:
+        raise NumabenchError(f"--warmup cannot be negative (got {workload.warmup})")
+    starved = [i.id for i in plan.instances if i.batch < 1]
+    if starved:
+        raise NumabenchError(
+            f"batch {plan.batch} leaves instance(s) {starved} without samples: in {workload.mode} "
+            f"mode every instance needs at least one; use --batch >= {len(plan.instances)} "
+            f"or fewer instances")
+    if workload.text_file:
+        if not spec.has_tokenizer:
+            raise NumabenchError(f"--text needs a model with a tokenizer; {workload.model} has none "
+                                 "(use minilm, a local folder or a hub id)")
+        if not read_texts(workload.text_file):
+            raise NumabenchError(f"--text {workload.text_file}: no non-empty lines")
+
+
+def read_texts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise NumabenchError(f"--text {path}: {e.strerror}") from None
+
+
+def worker_config(inst, workload: Workload, endpoint: str, pin_self: bool,
+                  timeout_s: float) -> dict[str, Any]:
+    return {
+        "instance": inst.id,
+        "endpoint": endpoint,
+        "backend": workload.backend,
+        "model": workload.model,
+        "precision": workload.precision,
+        "threads": inst.threads,
+        "cpus": list(inst.cpus),
+        "pin_self": pin_self,
+        "warmup": {"shapes": [[inst.batch, workload.seq]], "iterations": workload.warmup},
+        "seed": workload.seed + inst.id,
+        "options": dict(workload.backend_options),
+        "timeout_s": timeout_s,
+    }
+
+
+def default_run_dir() -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{os.getpid()}"
+
+
+class _Run:
+    """Mutable state of one launch; the public API is `run_launch`."""
+
+    def __init__(self, machine: Machine, plan: Plan, workload: Workload, opts: LaunchOptions):
+        self.machine, self.plan, self.workload, self.opts = machine, plan, workload, opts
+        self.run_dir = Path(opts.run_dir or default_run_dir())
+        self.progress = Progress(opts.progress)
+        self.samples: list[Sample] = []
+        self.ready: dict[int, dict[str, Any]] = {}
+        self.warnings: list[str] = []
+        self.env_info: dict[str, Any] = {}
+        self.window_start_ns: int | None = None
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+
+    def log(self, message: str) -> None:
+        """Append an event to run_dir/launch.log: the run's own story, for users and tests."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "launch.log", "a") as f:
+            f.write(f"{_dt.datetime.now().isoformat(timespec='milliseconds')} {message}\n")
+
+    # --- start ---------------------------------------------------------------------------
+
+    def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
+        first = self.plan.instances[0]
+        binder = binding.detect_binder(
+            self.opts.binder, probe_cpu=first.cpus[0],
+            probe_node=first.memory_nodes[0] if first.memory_nodes else None, path=self.opts.path)
+        self.warnings.extend(binder.warnings)
+        preload = binding.find_allocator(self.opts.allocator)
+        if self.opts.allocator != "default" and preload is None:
+            raise NumabenchError(f"--allocator {self.opts.allocator}: library not found; install it "
+                                 f"(Debian: apt-get install lib{self.opts.allocator}) or use default")
+        governors = binding.cpu_governors(self.plan.cpus)
+        slow = sorted({g for g in governors.values() if g != "performance"})
+        if slow:
+            self.warnings.append(f"CPU frequency governor is {', '.join(slow)}, not performance: "
+                                 "timings may vary with frequency scaling")
+        worker_timeout = self.opts.ready_timeout_s + self.opts.request_timeout_s
+        applied_env: dict[int, dict[str, str]] = {}
+        for inst in self.plan.instances:
+            env, env_warn, applied = binding.worker_env(dict(os.environ), inst, preload)
+            self.warnings.extend(env_warn)
+            applied_env[inst.id] = applied
+            cfg = worker_config(inst, self.workload, coord.endpoint, binder.name == "self", worker_timeout)
+            argv = binding.bind_prefix(binder, inst) + [
+                sys.executable, "-m", "numabench.workers", "--config", json.dumps(cfg)]
+            proc = group.start(inst.id, argv, env)
+            self.log(f"instance {inst.id}: pid {proc.pid}, cpus {list(inst.cpus)}, "
+                     f"memory nodes {list(inst.memory_nodes)}, {inst.threads} threads, binder {binder.name}")
+        self.env_info = {
+            "binder": binder.name, "binds_memory": binder.binds_memory,
+            "allocator": self.opts.allocator, "preload": preload,
+            "variables_set": {str(k): v for k, v in applied_env.items()},
+            "transport": self.opts.transport, "governors": governors,
+            "python": platform.python_version(), "numabench": __version__,
+            "hostname": socket.gethostname(), "kernel": platform.release(),
+        }
+
+    def wait_ready(self, coord: Coordinator) -> None:
+        ids = {i.id for i in self.plan.instances}
+        hello: set[int] = set()
+        n = len(ids)
+
+        def show(inst: int, header: dict[str, Any]) -> None:
+            if header["type"] == protocol.HELLO:
+                hello.add(inst)
+            self.progress.update(f"loading model: {len(hello)}/{n} started, "
+                                 f"{len(self.ready) + (header['type'] == protocol.READY)}/{n} ready",
+                                 force=True)
+
+        self.ready = coord.wait_for(protocol.READY, ids, self.opts.ready_timeout_s, on_message=show)
+        self.log(f"all {n} instances ready")
+        for inst in self.plan.instances:
+            got = self.ready[inst.id].get("affinity")
+            if got is not None and sorted(got) != sorted(inst.cpus):
+                self.warnings.append(f"instance {inst.id} runs on CPUs {got}, the plan asked for "
+                                     f"{list(inst.cpus)}")
+            if self.ready[inst.id].get("threads") not in (None, inst.threads):
+                self.warnings.append(f"instance {inst.id} runs {self.ready[inst.id]['threads']} "
+                                     f"threads, the plan asked for {inst.threads}")
+
+    # --- measure -------------------------------------------------------------------------
+
+    def inputs(self) -> dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        """Per-instance request payloads: random ids from a fixed seed, or real text."""
+        out = {}
+        texts = read_texts(self.workload.text_file) if self.workload.text_file else None
+        for inst in self.plan.instances:
+            if texts:
+                chunk = [texts[(inst.id * inst.batch + k) % len(texts)] for k in range(inst.batch)]
+                out[inst.id] = ({"texts": chunk, "seq": self.workload.seq}, {})
+                continue
+            vocab = int(self.ready[inst.id].get("model_info", {}).get("vocab_size") or 1000)
+            rng = np.random.default_rng(self.workload.seed + inst.id)
+            ids = rng.integers(0, vocab, size=(inst.batch, self.workload.seq), dtype=np.int64)
+            out[inst.id] = ({}, protocol.prepare_arrays(
+                {"input_ids": ids, "attention_mask": np.ones_like(ids)}))
+        return out
+
+    def _limit(self) -> tuple[int | None, int | None]:
+        """(iteration count, deadline ns): iterations default when neither is given."""
+        w = self.workload
+        if w.duration_s is not None:
+            return None, time.monotonic_ns() + int(w.duration_s * 1e9)
+        return (w.iterations or DEFAULT_ITERATIONS), None
+
+    def measure(self, coord: Coordinator) -> None:
+        payloads = self.inputs()
+        ids = frozenset(payloads)
+        count, deadline = self._limit()
+        pending: dict[int, tuple[int, int, int, int]] = {}  # req -> (instance, step, batch, sent)
+        batch_of = {i.id: i.batch for i in self.plan.instances}
+        req = 0
+
+        def send(iid: int, step: int) -> None:
+            nonlocal req
+            req += 1
+            head, arrays = payloads[iid]
+            sent = time.monotonic_ns()
+            coord.send(iid, protocol.RUN, {"req": req, "want": "summary", **head}, arrays)
+            pending[req] = (iid, step, batch_of[iid], sent)
+
+        def collect() -> int:
+            iid, head, _ = coord.recv(self.opts.request_timeout_s, watching=ids, what="a RESULT")
+            received = time.monotonic_ns()
+            if head["type"] == protocol.ERROR:
+                raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
+            if head["type"] != protocol.RESULT or head.get("req") not in pending:
+                raise LaunchError(f"instance {iid} sent an unexpected {head['type']} message")
+            inst, step, batch, sent = pending.pop(head["req"])
+            self.samples.append(Sample(inst, step, batch, sent, received, int(head["compute_ns"])))
+            return inst
+
+        def more(done: int) -> bool:
+            return done < count if count is not None else time.monotonic_ns() < deadline
+
+        self.log(f"measuring ({self.workload.mode} mode)")
+        self.window_start_ns = time.monotonic_ns()
+        if self.workload.mode == "split":
+            step = 0
+            while more(step):
+                for iid in sorted(ids):
+                    send(iid, step)
+                while pending:
+                    collect()
+                step += 1
+                self.progress.update(f"measuring: step {step}" + (f"/{count}" if count else ""))
+        else:
+            done = {iid: 0 for iid in ids}
+            for iid in sorted(ids):
+                send(iid, 0)
+            while pending:
+                iid = collect()
+                done[iid] += 1
+                if more(done[iid]):
+                    send(iid, done[iid])
+                self.progress.update(f"measuring: {sum(done.values())} requests")
+        self.progress.done()
+
+    # --- record --------------------------------------------------------------------------
+
+    def document(self, status: str, error: str | None = None,
+                 failed_instance: int | None = None) -> dict[str, Any]:
+        import yaml
+
+        from numabench.plans import dump_plan
+        from numabench.topology import machine_to_dict
+
+        summary = summarize(self.samples, self.workload.mode, self.window_start_ns)
+        versions = next((r.get("versions") for r in self.ready.values() if r.get("versions")), {})
+        return {
+            "schema": RESULTS_SCHEMA,
+            "version": RESULTS_VERSION,
+            "status": status,
+            "error": error,
+            "failed_instance": failed_instance,
+            "created": self.started.isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "run_dir": str(self.run_dir),
+            "machine": machine_to_dict(self.machine),
+            "plan": yaml.safe_load(dump_plan(self.plan)),
+            "workload": asdict(self.workload),
+            "environment": {**self.env_info, "versions": versions},
+            "instances": {
+                str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
+                                      "threads": i.threads, "batch": i.batch},
+                            "got": {k: v for k, v in self.ready.get(i.id, {}).items()
+                                    if k not in ("type", "v", "arrays")}}
+                for i in self.plan.instances},
+            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(self.samples)},
+            "summary": summary_to_dict(summary),
+            "warnings": self.warnings + list(summary.warnings),
+        }
+
+    def save(self, doc: dict[str, Any]) -> list[Path]:
+        paths = [self.run_dir / "results.json"] + ([Path(self.opts.output)] if self.opts.output else [])
+        for p in paths:
+            write_json_atomic(p, doc)
+        return paths
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_launch(machine: Machine, plan: Plan, workload: Workload,
+               opts: LaunchOptions = LaunchOptions(),
+               on_saved: Callable[[list[Path]], None] | None = None) -> dict[str, Any]:
+    """Run the workload on the plan's instances; returns the results document.
+
+    On failure or interrupt the partial document is still written (status failed/interrupted)
+    and the error is raised after every worker has been reaped.
+    """
+    check_workload(plan, workload)
+    run = _Run(machine, plan, workload, opts)
+    # SIGTERM to the coordinator stops the run as cleanly as Ctrl-C does.
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    status, error, failed = "ok", None, None
+    try:
+        with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
+            try:
+                run.spawn(group, coord)
+                run.wait_ready(coord)
+                run.measure(coord)
+                coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
+                group.wait_all(opts.grace_s)
+            except WorkerFailed as e:
+                status, error, failed = "failed", str(e), e.instance
+                raise
+            except NumabenchError as e:
+                status, error = "failed", str(e)
+                raise
+            except KeyboardInterrupt:
+                status, error = "interrupted", "interrupted by the user"
+                raise RunInterrupted("interrupted: all instances stopped; partial results saved "
+                                     f"in {run.run_dir}") from None
+            finally:
+                run.progress.done()
+                group.stop(opts.grace_s)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        doc = run.document(status, error, failed)
+        saved = run.save(doc)
+        run.log(f"{status}: {len(run.samples)} requests measured; results in "
+                f"{', '.join(str(p) for p in saved)}" + (f"; {error.splitlines()[0]}" if error else ""))
+        if on_saved:
+            on_saved(saved)
+    return doc
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+DEFAULT_BATCH = 8
+
+
+def plan_for_launch(machine: Machine, plan_file: str | None = None, instances: int | None = None,
+                    cores_per_instance: int | None = None, batch: int | None = None,
+                    smt: bool = False) -> Plan:
+    """The plan a launch runs: a validated YAML plan, or one made by the planner."""
+    from numabench.plans import PlanRequest, load_plan, make_plan, validate_plan
+
+    if plan_file:
+        clash = [name for name, v in (("--instances", instances), ("--cores-per-instance",
+                 cores_per_instance), ("--smt", smt or None)) if v is not None]
+        if clash:
+            raise NumabenchError(f"{', '.join(clash)} cannot be combined with --plan: the plan "
+                                 f"{plan_file} already fixes the instances")
+        plan = load_plan(Path(plan_file))
+        validate_plan(plan, machine)
+        if batch is not None and batch != plan.batch:
+            raise NumabenchError(f"--batch {batch} differs from the plan's batch {plan.batch} in "
+                                 f"{plan_file}; edit the plan's batch shares or drop --batch")
+        return plan
+    if instances is None and cores_per_instance is None:
+        instances = 1
+    return make_plan(machine, PlanRequest(instances=instances, cores_per_instance=cores_per_instance,
+                                          batch=DEFAULT_BATCH if batch is None else batch, smt=smt))

@@ -1,0 +1,117 @@
+"""A group of worker processes: start, watch, stop. Nothing is left behind.
+
+Each worker runs in its own session (process group), so a terminal's Ctrl-C reaches only the
+coordinator, which then stops the workers in order: SIGTERM, a grace period, SIGKILL. Workers
+also ask the kernel for SIGTERM when their parent dies, covering a coordinator killed with -9.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Exited:
+    instance: int
+    returncode: int
+
+    def describe(self) -> str:
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = f"signal {-self.returncode}"
+            return f"killed by {name}"
+        return f"exited with code {self.returncode}"
+
+
+class ProcessGroup:
+    """Worker processes keyed by instance id, each logging to run_dir/instance-<id>.log."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self._logs: dict[int, object] = {}
+
+    def log_path(self, instance: int) -> Path:
+        return self.run_dir / f"instance-{instance}.log"
+
+    def start(self, instance: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path(instance), "ab")
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+        log.flush()
+        self._logs[instance] = log
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[instance] = proc
+        return proc
+
+    def exited(self) -> list[Exited]:
+        """Workers that have ended, in instance order."""
+        return [Exited(i, p.returncode) for i, p in sorted(self.procs.items()) if p.poll() is not None]
+
+    def failed(self, expected_clean: frozenset[int] = frozenset()) -> list[Exited]:
+        """Workers that ended when they should not have (any exit outside `expected_clean`,
+        or a non-zero exit of those)."""
+        return [e for e in self.exited() if e.instance not in expected_clean or e.returncode != 0]
+
+    def tail(self, instance: int, lines: int = 15) -> str:
+        try:
+            with open(self.log_path(instance), "rb") as f:
+                return b"".join(deque(f, maxlen=lines)).decode(errors="replace").rstrip()
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> list[int]:
+        return [i for i, p in self.procs.items() if p.poll() is None]
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every live worker's process group, wait up to grace_s, then SIGKILL."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            left = deadline - time.monotonic()
+            try:
+                p.wait(timeout=max(left, 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            # Kill the whole group even when the leader is gone: children may linger.
+            _signal_group(p, signal.SIGKILL)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+                pass
+        for log in self._logs.values():
+            log.close()
+
+    def wait_all(self, timeout_s: float) -> bool:
+        """Wait for every worker to exit by itself; True when all did in time."""
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)  # start_new_session made pid the group id
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,33 @@
+"""Plans: which CPUs, memory nodes, threads, batch share and sequence range each instance gets."""
+from numabench.plans.model import (
+    PLAN_VERSION,
+    InstancePlan,
+    Plan,
+    PlanSource,
+    SeqRange,
+    split_batch,
+)
+from numabench.plans.planner import DispatchTier, PlanRequest, make_plan
+from numabench.plans.presets import BUILTIN_PRESETS, load_preset, parse_preset
+from numabench.plans.render import render_plan
+from numabench.plans.validate import validate_plan
+from numabench.plans.yamlio import dump_plan, load_plan
+
+__all__ = [
+    "BUILTIN_PRESETS",
+    "PLAN_VERSION",
+    "DispatchTier",
+    "InstancePlan",
+    "Plan",
+    "PlanRequest",
+    "PlanSource",
+    "SeqRange",
+    "dump_plan",
+    "load_plan",
+    "load_preset",
+    "make_plan",
+    "parse_preset",
+    "render_plan",
+    "split_batch",
+    "validate_plan",
+]

@@ -1,0 +1,61 @@
+"""A backend that computes nothing: it measures numabench's own overhead.
+
+Its output is the input ids as float32 (shape (batch, seq)), so a checksum proves the arrays
+crossed the wire intact. `compute_ns` adds a fixed compute time: `spin` busy-waits (holds the
+core, like real compute), otherwise it sleeps (frees the core).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from numabench.workers.backends import Backend, check_options
+
+
+class NoopBackend(Backend):
+    name = "noop"
+
+    def __init__(self) -> None:
+        self.compute_ns = 0
+        self.spin = False
+        self.threads = 1
+        self.spec: Any = None
+
+    def load(self, spec: Any, precision: str, threads: int, options: Mapping[str, Any],
+             seed: int = 0) -> None:
+        check_options(self.name, options)
+        self.spec = spec
+        self.threads = threads
+        self.compute_ns = int(options.get("compute_ns", 0))
+        self.spin = bool(options.get("spin", False))
+
+    def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        start = time.monotonic_ns()
+        out = np.asarray(arrays["input_ids"], dtype=np.float32)
+        if self.compute_ns > 0:
+            deadline = start + self.compute_ns
+            if self.spin:
+                while time.monotonic_ns() < deadline:
+                    pass
+            else:
+                time.sleep(max(0, deadline - time.monotonic_ns()) / 1e9)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            # No thread pool: the requested count is echoed so plans and results line up.
+            "threads": self.threads,
+            "model": {
+                "vocab_size": getattr(spec, "vocab_size", None),
+                "max_positions": getattr(spec, "max_positions", None),
+                "hidden_size": None, "layers": None, "parameters": 0,
+            },
+            "options": {"compute_ns": self.compute_ns, "spin": self.spin},
+        }
+
+
+BACKEND_CLASS = NoopBackend

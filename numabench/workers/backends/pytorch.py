@@ -1,0 +1,93 @@
+"""PyTorch eager backend: fp32, bf16 (CPU autocast) and int8 (dynamic quantization of Linear).
+
+Imported only inside a worker that is already pinned, so torch's thread pools start on the
+right CPUs. Threads are set explicitly right after import: intra-op to the plan's count and
+inter-op to 1 (one request at a time; extra pools would only compete for the same cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from numabench.workers import models
+from numabench.workers.backends import Backend, check_options
+
+
+class PyTorchBackend(Backend):
+    name = "pytorch"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.precision = "fp32"
+        self.spec: Any = None
+        self.parameters = 0
+        self._torch: Any = None
+
+    def load(self, spec: Any, precision: str, threads: int, options: Mapping[str, Any],
+             seed: int = 0) -> None:
+        check_options(self.name, options)
+        import torch
+
+        self._torch = torch
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or inter-op work has started: keep what runs
+            pass
+        model = models.build_pytorch_model(spec, seed)
+        # Counted before quantization, which packs Linear weights out of .parameters().
+        self.parameters = sum(p.numel() for p in model.parameters())
+        if precision == "int8":
+            with warnings.catch_warnings():
+                # torch.ao.quantization is deprecated in favour of torchao, but still works and
+                # needs no extra package; its warnings would only clutter every worker's log.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                model = torch.ao.quantization.quantize_dynamic(
+                    model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model, self.precision, self.spec = model, precision, spec
+
+    def _context(self):
+        torch = self._torch
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.precision == "bf16":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        return stack
+
+    def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        # Frames from ZeroMQ are read-only; torch wants writable memory (a small copy of ids).
+        ids = torch.from_numpy(np.array(arrays["input_ids"], dtype=np.int64))
+        mask = arrays.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.from_numpy(np.array(mask, dtype=np.int64))
+        with self._context():
+            out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return out.float().numpy()
+
+    def info(self) -> dict[str, Any]:
+        torch, model = self._torch, self.model
+        config = model.config
+        return {
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "model": {
+                "vocab_size": getattr(config, "vocab_size", None),
+                "max_positions": self.spec.max_positions
+                if self.spec.max_positions is not None
+                else getattr(config, "max_position_embeddings", None),
+                "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "dim", None),
+                "layers": getattr(config, "num_hidden_layers", None)
+                or getattr(config, "n_layers", None),
+                "parameters": self.parameters,
+                "attn_implementation": getattr(config, "_attn_implementation", None),
+            },
+            "quantized_engine": torch.backends.quantized.engine if self.precision == "int8" else None,
+        }
+
+
+BACKEND_CLASS = PyTorchBackend

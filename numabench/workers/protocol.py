@@ -1,0 +1,149 @@
+"""The one worker protocol, shared by `launch`, `sweep` and `serve`.
+
+Transport: a ROUTER socket in the coordinator, one DEALER per worker whose ZeroMQ identity is
+its instance id (ASCII). Each message is a JSON header frame followed by zero or more raw array
+frames; the header's "arrays" lists each frame's name, dtype and shape in order. Never pickle.
+
+Worker -> coordinator:
+  HELLO  {instance, pid}                       sent right after connect, before the model loads
+  READY  {instance, pid, affinity, mems_allowed, mempolicy, threads, versions, model_info,
+          load_ns, warmup_ns, env}              after model load and warm-up on the exact shapes
+  RESULT {req, compute_ns, start_ns, end_ns, output}  + optional output arrays
+  ERROR  {req|null, message, traceback, fatal}
+  BYE    {instance}                             answer to STOP, just before the worker exits
+Coordinator -> worker:
+  RUN    {req, want: "summary"|"outputs", texts?: [str], seq?: int} + arrays input_ids[, attention_mask]
+  STOP   {}
+
+Headers are strict JSON (no NaN/Infinity); a header whose "v" differs from PROTOCOL_VERSION is
+refused. docs/protocol.md describes the fields for other implementers.
+
+Timestamps (start_ns, end_ns) are time.monotonic_ns(): CLOCK_MONOTONIC is system-wide on Linux,
+so worker and coordinator clocks are comparable on one host.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+HELLO = "HELLO"
+READY = "READY"
+RESULT = "RESULT"
+ERROR = "ERROR"
+BYE = "BYE"
+RUN = "RUN"
+STOP = "STOP"
+MESSAGE_TYPES = frozenset({HELLO, READY, RESULT, ERROR, BYE, RUN, STOP})
+
+# Only plain numeric dtypes cross the wire; anything else is refused rather than guessed.
+ALLOWED_DTYPES = frozenset(
+    {"int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64", "bool"}
+)
+MAX_HEADER_BYTES = 1 << 20
+# dtype objects and names, looked up instead of rebuilt per message (np.dtype.name is slow).
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (malformed header, bad array frame)."""
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """dtype.name without its cost (a property that formats a string on every call)."""
+    return _NAMES.get(dtype) or dtype.name
+
+
+def identity(instance_id: int | str) -> bytes:
+    return str(instance_id).encode("ascii")
+
+
+@dataclass(frozen=True)
+class PreparedArrays:
+    """Array frames encoded once and sent many times (a benchmark resends the same shard)."""
+
+    specs: tuple[dict[str, Any], ...]
+    frames: tuple[Any, ...]
+
+
+def prepare_arrays(arrays: dict[str, np.ndarray] | None) -> PreparedArrays:
+    specs, frames = [], []
+    for name, arr in (arrays or {}).items():
+        # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
+        dtype = _NAMES.get(arr.dtype)
+        if dtype is None:
+            raise ProtocolError(f"array {name!r} has dtype {arr.dtype.name}, not allowed on the wire")
+        specs.append({"name": name, "dtype": dtype, "shape": list(arr.shape)})
+        # Zero-copy: ZeroMQ sends straight from the array's memory.
+        frames.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+    return PreparedArrays(tuple(specs), tuple(frames))
+
+
+def encode(msg_type: str, header: dict[str, Any] | None = None,
+           arrays: dict[str, np.ndarray] | PreparedArrays | None = None) -> list[Any]:
+    """Build the frames of one message: [header_json, *array_buffers]."""
+    if msg_type not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    prepared = arrays if isinstance(arrays, PreparedArrays) else prepare_arrays(arrays)
+    head = dict(header or {})
+    head["type"] = msg_type
+    head["v"] = PROTOCOL_VERSION
+    head["arrays"] = prepared.specs
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON and other implementations would choke on them.
+        raw = json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"{msg_type} header cannot be sent as JSON: {e}") from None
+    return [raw, *prepared.frames]
+
+
+def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Parse [header_json, *array_frames] into (header, arrays). Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    raw = bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        head = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"header is not JSON: {str(e)[:200]}") from None
+    if not isinstance(head, dict) or head.get("type") not in MESSAGE_TYPES:
+        raise ProtocolError(f"header has no known 'type': {str(head)[:200]}")
+    if head.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {head.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
+    specs = head.get("arrays") or []
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise ProtocolError(
+            f"header lists {len(specs) if isinstance(specs, list) else '?'} arrays "
+            f"but {len(frames) - 1} array frames follow")
+    arrays: dict[str, np.ndarray] = {}
+    for spec, frame in zip(specs, frames[1:]):
+        if not isinstance(spec, dict):
+            raise ProtocolError(f"bad array spec {spec!r}")
+        name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
+        if not isinstance(name, str) or name in arrays:
+            raise ProtocolError(f"array name {name!r} is missing, not a string or repeated")
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"array {name!r}: dtype {dtype!r} not allowed")
+        if (not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ProtocolError(f"array {name!r}: shape {shape!r} is not a list of non-negative ints")
+        buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+        dt = _DTYPES[dtype]
+        expected = math.prod(shape) * dt.itemsize  # Python ints: no overflow on absurd shapes
+        if buf.nbytes != expected:
+            raise ProtocolError(
+                f"array {name!r}: frame has {buf.nbytes} bytes, shape {shape} of {dtype} needs {expected}")
+        arrays[name] = np.frombuffer(buf.cast("B") if buf.format != "B" else buf, dtype=dt).reshape(shape)
+    return head, arrays

@@ -1,0 +1,579 @@
+"""The worker: one pinned process, one model, a request/response loop over ZeroMQ.
+
+Order matters. The worker pins itself (when asked) and arranges to die with its parent before
+it imports numpy, zmq or the framework: those start thread pools, and threads inherit the
+affinity their creator had when they were created. Only the standard library is imported at the
+top of this module for that reason.
+
+Exit codes: 0 after STOP, 2 bad config, 3 model load / warm-up failure (or pinning refused),
+4 coordinator gone (parent died, or no message for timeout_s), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from numabench.errors import NumabenchError
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_LOAD = 3
+EXIT_ORPHANED = 4
+EXIT_INTERRUPTED = 130
+
+WANTS = ("summary", "outputs")
+INPUT_ARRAYS = ("input_ids", "attention_mask")
+REPORTED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "KMP_AFFINITY", "KMP_BLOCKTIME")
+LINGER_MS = 1000  # long enough for BYE / a fatal ERROR to leave, short enough not to hang exit
+POLL_SLICE_MS = 1000  # how often an idle worker checks that its parent is still there
+
+log = logging.getLogger("numabench.worker")
+
+
+class ConfigError(NumabenchError):
+    """The worker's --config is invalid."""
+
+
+class RequestError(Exception):
+    """A RUN request the worker cannot serve; answered with a non-fatal ERROR."""
+
+
+# ---- configuration ----
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    shapes: tuple[tuple[int, int], ...] = ()
+    iterations: int = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    instance: int
+    endpoint: str
+    model: str
+    backend: str = "pytorch"
+    precision: str = "fp32"
+    threads: int = 1
+    cpus: tuple[int, ...] | None = None
+    pin_self: bool = False
+    warmup: WarmupSpec = WarmupSpec()
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    timeout_s: float = 600.0
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> WorkerConfig:
+        """Validate a decoded --config. Unknown keys are logged, not refused (newer launchers)."""
+        from numabench.workers.backends import check_backend
+
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a JSON object")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            log.warning("ignoring unknown config keys: %s", ", ".join(unknown))
+        for key in ("instance", "endpoint", "model"):
+            if key not in raw:
+                raise ConfigError(f"config has no {key!r}")
+        instance = _int(raw, "instance", minimum=0)
+        endpoint = raw["endpoint"]
+        if not isinstance(endpoint, str) or "://" not in endpoint:
+            raise ConfigError(f"endpoint must be a ZeroMQ endpoint like ipc:///path, got {endpoint!r}")
+        model = raw["model"]
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"model must be a non-empty string, got {model!r}")
+        backend = raw.get("backend", cls.backend)
+        precision = raw.get("precision", cls.precision)
+        options = raw.get("options") or {}
+        try:
+            check_backend(backend, precision, options)
+        except NumabenchError as e:
+            raise ConfigError(str(e)) from None
+        cpus = raw.get("cpus")
+        if cpus is not None:
+            if not isinstance(cpus, list) or not cpus or not all(_is_int(c) and c >= 0 for c in cpus):
+                raise ConfigError(f"cpus must be a non-empty list of CPU numbers or null, got {cpus!r}")
+            cpus = tuple(sorted(set(cpus)))
+        pin_self = raw.get("pin_self", False)
+        if not isinstance(pin_self, bool):
+            raise ConfigError(f"pin_self must be true or false, got {pin_self!r}")
+        if pin_self and cpus is None:
+            raise ConfigError("pin_self needs cpus")
+        timeout_s = raw.get("timeout_s", cls.timeout_s)
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be a positive number, got {timeout_s!r}")
+        return cls(
+            instance=instance, endpoint=endpoint, model=model, backend=backend,
+            precision=precision, threads=_int(raw, "threads", minimum=1, default=1), cpus=cpus,
+            pin_self=pin_self, warmup=_warmup(raw.get("warmup")),
+            seed=_int(raw, "seed", minimum=0, default=0), options=dict(options),
+            timeout_s=float(timeout_s))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(raw: Mapping[str, Any], key: str, minimum: int, default: int | None = None) -> int:
+    value = raw.get(key, default)
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _warmup(raw: Any) -> WarmupSpec:
+    if raw is None:
+        return WarmupSpec()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"warmup must be an object {{shapes, iterations}}, got {raw!r}")
+    shapes = raw.get("shapes", [])
+    if not isinstance(shapes, list) or not all(
+            isinstance(s, list) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s)
+            for s in shapes):
+        raise ConfigError(f"warmup.shapes must be a list of [batch, seq] pairs, got {shapes!r}")
+    return WarmupSpec(shapes=tuple((b, s) for b, s in shapes),
+                      iterations=_int(raw, "iterations", minimum=0, default=1))
+
+
+# ---- process setup (standard library only: runs before numpy / zmq / the framework) ----
+
+def set_parent_death_signal() -> bool:
+    """Ask the kernel to SIGTERM us when the parent exits, so no worker outlives its launcher.
+
+    Linux delivers it when the parent *thread* exits: launchers must spawn workers from a
+    thread that lives as long as the run.
+    """
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def read_mems_allowed(status_path: str = "/proc/self/status") -> list[int] | None:
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("Mems_allowed_list:"):
+                    return parse_cpu_list(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return None
+
+
+MPOL_MODES = {0: "default", 1: "preferred", 2: "bind", 3: "interleave", 4: "local",
+              5: "preferred_many", 6: "weighted_interleave"}
+MPOL_FLAGS = {1 << 15: "static_nodes", 1 << 14: "relative_nodes", 1 << 13: "numa_balancing"}
+GET_MEMPOLICY_NR = {"x86_64": 239, "aarch64": 236}
+
+
+def read_mempolicy() -> dict[str, Any]:
+    """The calling thread's NUMA memory policy: get_mempolicy(2), else /proc/self/numa_maps."""
+    policy = _mempolicy_syscall()
+    if policy is None:
+        policy = _mempolicy_numa_maps()
+    return policy or {"mode": "unknown", "nodes": [], "source": None}
+
+
+def _mempolicy_syscall() -> dict[str, Any] | None:
+    nr = GET_MEMPOLICY_NR.get(platform.machine())
+    if nr is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    libc.syscall.restype = ctypes.c_long
+    bits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    for maxnode in (1024, 8192):  # EINVAL when maxnode is below the kernel's node count
+        mode = ctypes.c_int(0)
+        mask = (ctypes.c_ulong * (maxnode // bits))()
+        rc = libc.syscall(ctypes.c_long(nr), ctypes.byref(mode), mask, ctypes.c_ulong(maxnode),
+                          ctypes.c_void_p(None), ctypes.c_ulong(0))
+        if rc == 0:
+            raw_mode = mode.value
+            flags = [name for bit, name in MPOL_FLAGS.items() if raw_mode & bit]
+            base = raw_mode & ~sum(MPOL_FLAGS)
+            nodes = [i * bits + b for i, word in enumerate(mask) for b in range(bits) if word >> b & 1]
+            name = MPOL_MODES.get(base, f"mode{base}")
+            if name == "preferred" and not nodes:
+                name = "local"  # MPOL_PREFERRED with an empty mask is how older tools say local
+            return {"mode": name, "nodes": nodes, "flags": flags, "source": "get_mempolicy"}
+        if ctypes.get_errno() != 22:  # not EINVAL: seccomp (EPERM) or ENOSYS; use numa_maps
+            return None
+    return None
+
+
+def _mempolicy_numa_maps(path: str = "/proc/self/numa_maps") -> dict[str, Any] | None:
+    # Mappings without a policy of their own show the task policy, e.g. "bind:0-1", "prefer:0".
+    try:
+        with open(path) as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    if len(first) < 2:
+        return None
+    mode, _, nodes = first[1].partition(":")
+    mode = {"prefer": "preferred", "prefer (many)": "preferred_many"}.get(mode, mode)
+    try:
+        node_list = parse_cpu_list(nodes) if nodes else []
+    except ValueError:
+        node_list = []
+    return {"mode": mode, "nodes": node_list, "flags": [], "source": "numa_maps"}
+
+
+def framework_versions() -> dict[str, str]:
+    """Versions of what this process actually imported (a framework not loaded is not listed)."""
+    import numabench
+
+    versions = {"python": platform.python_version(), "numabench": numabench.__version__}
+    for module in ("numpy", "zmq", "torch", "transformers", "onnxruntime"):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            versions["pyzmq" if module == "zmq" else module] = getattr(mod, "__version__", "?")
+    return versions
+
+
+# ---- the worker ----
+
+class Worker:
+    """Loads one model and answers RUN requests until STOP. `handle` is transport-agnostic."""
+
+    def __init__(self, config: WorkerConfig, parent_pid: int):
+        from numabench.workers import protocol  # numpy: only once the process is pinned
+
+        self._protocol = protocol
+        self.config = config
+        self.parent_pid = parent_pid
+        self.backend: Any = None
+        self.tokenizer: Any = None
+        self.spec: Any = None
+        self.vocab_size = 1000
+        self.max_positions: int | None = None
+
+    # -- lifecycle --
+
+    def serve(self, startup_error: str | None = None) -> int:
+        import zmq
+
+        protocol = self._protocol
+        cfg = self.config
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, protocol.identity(cfg.instance))
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.connect(cfg.endpoint)
+        try:
+            self._send(sock, protocol.HELLO, {"instance": cfg.instance, "pid": os.getpid()})
+            if startup_error is not None:
+                log.error("%s", startup_error)
+                self._send(sock, protocol.ERROR, {"req": None, "fatal": True,
+                                                  "message": startup_error, "traceback": None})
+                return EXIT_LOAD
+            try:
+                ready = self.load_and_warm_up()
+            except Exception as e:  # noqa: BLE001 - any failure here is fatal and reported
+                tb = traceback.format_exc()
+                log.error("model load failed: %s\n%s", e, tb)
+                self._send(sock, protocol.ERROR, {
+                    "req": None, "fatal": True, "message": f"{type(e).__name__}: {e}", "traceback": tb})
+                return EXIT_LOAD
+            self._send(sock, protocol.READY, ready)
+            log.info("ready: load %.2f s, warm-up %.2f s",
+                     ready["load_ns"] / 1e9, ready["warmup_ns"] / 1e9)
+            return self._loop(sock)
+        finally:
+            sock.close()
+            ctx.term()
+
+    def _loop(self, sock: Any) -> int:
+        import zmq
+
+        timeout_ns = int(self.config.timeout_s * 1e9)
+        last = time.monotonic_ns()
+        while True:
+            if os.getppid() != self.parent_pid:
+                log.error("parent process %d is gone; exiting", self.parent_pid)
+                return EXIT_ORPHANED
+            left_ns = timeout_ns - (time.monotonic_ns() - last)
+            if left_ns <= 0:
+                log.error("no message from the coordinator for %.1f s; exiting", self.config.timeout_s)
+                return EXIT_ORPHANED
+            if not sock.poll(min(POLL_SLICE_MS, max(1, left_ns // 1_000_000)), zmq.POLLIN):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            reply, stop = self.handle(frames)
+            sock.send_multipart(reply, copy=False)
+            last = time.monotonic_ns()  # a long compute is not silence: count from the reply
+            if stop:
+                log.info("STOP received; bye")
+                return EXIT_OK
+
+    def _send(self, sock: Any, msg_type: str, header: dict[str, Any]) -> None:
+        sock.send_multipart(self._protocol.encode(msg_type, header), copy=False)
+
+    # -- load and warm up --
+
+    def load_and_warm_up(self) -> dict[str, Any]:
+        import numpy as np
+
+        from numabench.workers import models
+        from numabench.workers.backends import create_backend
+
+        cfg = self.config
+        t0 = time.monotonic_ns()
+        self.spec = spec = models.resolve_model(cfg.model)
+        self.backend = create_backend(cfg.backend)
+        self.backend.load(spec, cfg.precision, cfg.threads, cfg.options, seed=cfg.seed)
+        if spec.has_tokenizer is not False:
+            self.tokenizer = models.load_tokenizer(spec)
+        info = self.backend.info()
+        model_info = info.get("model", {})
+        self.vocab_size = model_info.get("vocab_size") or spec.vocab_size or self.vocab_size
+        self.max_positions = model_info.get("max_positions") or spec.max_positions
+        load_ns = time.monotonic_ns() - t0
+
+        # Warm up on the exact shapes the run will use (allocator pools, kernels, caches).
+        t1 = time.monotonic_ns()
+        rng = np.random.default_rng(cfg.seed)
+        for batch, seq in cfg.warmup.shapes:
+            self._check_seq(seq)
+            ids = rng.integers(0, self.vocab_size, size=(batch, seq), dtype=np.int64)
+            mask = np.ones_like(ids)
+            for _ in range(cfg.warmup.iterations):
+                self.backend.run({"input_ids": ids, "attention_mask": mask})
+        warmup_ns = time.monotonic_ns() - t1
+
+        affinity = sorted(os.sched_getaffinity(0))
+        if cfg.cpus is not None and affinity != list(cfg.cpus):
+            log.warning("affinity %s differs from the expected CPUs %s", affinity, list(cfg.cpus))
+        return {
+            "instance": cfg.instance,
+            "pid": os.getpid(),
+            "affinity": affinity,
+            "mems_allowed": read_mems_allowed(),
+            "mempolicy": read_mempolicy(),
+            "threads": info.get("threads"),
+            "versions": framework_versions(),
+            "model_info": {
+                "name": spec.name, "kind": spec.kind,
+                "vocab_size": self.vocab_size, "max_positions": self.max_positions,
+                "hidden_size": model_info.get("hidden_size"), "layers": model_info.get("layers"),
+                "parameters": model_info.get("parameters"),
+                "has_tokenizer": self.tokenizer is not None,
+                "precision": cfg.precision, "backend": cfg.backend,
+            },
+            "backend_info": {k: v for k, v in info.items() if k not in ("threads", "model")},
+            "load_ns": load_ns,
+            "warmup_ns": warmup_ns,
+            "env": {name: os.environ.get(name) for name in REPORTED_ENV},
+        }
+
+    def _check_seq(self, seq: int) -> None:
+        if self.max_positions is not None and seq > self.max_positions:
+            raise RequestError(
+                f"sequence length {seq} exceeds the model's {self.max_positions} positions")
+
+    # -- requests --
+
+    def handle(self, frames: Any) -> tuple[list[Any], bool]:
+        """One request in, one reply out: (reply frames, stop?)."""
+        protocol = self._protocol
+        try:
+            head, arrays = protocol.decode(frames)
+        except protocol.ProtocolError as e:
+            log.warning("malformed message: %s", e)
+            return self._error(None, f"malformed message: {e}"), False
+        kind = head["type"]
+        if kind == protocol.STOP:
+            return protocol.encode(protocol.BYE, {"instance": self.config.instance}), True
+        req = head.get("req")
+        if kind != protocol.RUN:
+            return self._error(req, f"unexpected message type {kind!r} (a worker takes RUN, STOP)"), False
+        try:
+            return self._run(head, arrays), False
+        except RequestError as e:
+            return self._error(req, str(e)), False
+        except Exception as e:  # noqa: BLE001 - a failing request must not kill the worker
+            tb = traceback.format_exc()
+            log.error("request %r failed: %s\n%s", req, e, tb)
+            return self._error(req, f"{type(e).__name__}: {e}", tb), False
+
+    def _error(self, req: Any, message: str, tb: str | None = None) -> list[Any]:
+        return self._protocol.encode(self._protocol.ERROR, {
+            "req": req, "fatal": False, "message": message, "traceback": tb})
+
+    def _run(self, head: Mapping[str, Any], arrays: Mapping[str, Any]) -> list[Any]:
+        import numpy as np
+
+        want = head.get("want", "summary")
+        if want not in WANTS:
+            raise RequestError(f"want must be one of {', '.join(WANTS)}, got {want!r}")
+        inputs = self._inputs(head, arrays)
+        start_ns = time.monotonic_ns()
+        out = self.backend.run(inputs)
+        end_ns = time.monotonic_ns()
+        checksum = float(out.sum(dtype=np.float64))
+        abs_sum = float(np.abs(out).sum(dtype=np.float64))
+        header = {
+            "req": head.get("req"),
+            "compute_ns": end_ns - start_ns,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "output": {
+                "shape": list(out.shape), "dtype": self._protocol.dtype_name(out.dtype),
+                # null where the output holds NaN/Inf: JSON has no such numbers
+                "checksum": checksum if math.isfinite(checksum) else None,
+                # LayerNorm outputs sum to ~0 per token, so the plain sum barely tells models
+                # apart; the sum of magnitudes does.
+                "abs_sum": abs_sum if math.isfinite(abs_sum) else None,
+            },
+        }
+        out_arrays = {"output": out.astype(np.float32, copy=False)} if want == "outputs" else None
+        return self._protocol.encode(self._protocol.RESULT, header, out_arrays)
+
+    def _inputs(self, head: Mapping[str, Any], arrays: Mapping[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        texts = head.get("texts")
+        if texts is not None:
+            if arrays:
+                raise RequestError("send either texts or input arrays, not both")
+            return self._tokenize(texts, head.get("seq"))
+        extra = sorted(set(arrays) - set(INPUT_ARRAYS))
+        if extra:
+            raise RequestError(f"unexpected arrays {extra}; a RUN carries {', '.join(INPUT_ARRAYS)}")
+        ids = arrays.get("input_ids")
+        if ids is None:
+            raise RequestError("RUN needs an input_ids array or texts")
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or 0 in ids.shape:
+            raise RequestError(
+                f"input_ids must be a non-empty integer (batch, seq) array, got {ids.dtype} {list(ids.shape)}")
+        self._check_seq(ids.shape[1])
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise RequestError(f"token ids span [{lo}, {hi}], outside the vocabulary [0, {self.vocab_size})")
+        mask = arrays.get("attention_mask")
+        if mask is not None and mask.shape != ids.shape:
+            raise RequestError(f"attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}")
+        inputs = {"input_ids": ids.astype(np.int64, copy=False)}
+        if mask is not None:
+            inputs["attention_mask"] = mask.astype(np.int64, copy=False)
+        return inputs
+
+    def _tokenize(self, texts: Any, seq: Any) -> dict[str, Any]:
+        import numpy as np
+
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError("texts must be a non-empty list of strings")
+        if not _is_int(seq) or seq <= 0:
+            raise RequestError(f"texts need seq, a positive integer, got {seq!r}")
+        if self.tokenizer is None:
+            raise RequestError(f"model {self.config.model!r} has no tokenizer; send input_ids instead")
+        self._check_seq(seq)
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
+                             return_tensors="np")
+        return {"input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
+                "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64)}
+
+
+# ---- entry point ----
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m numabench.workers",
+                                description="One numabench worker (started by the launcher).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="the worker config as a JSON object")
+    src.add_argument("--config-file", help="a file holding the worker config as JSON")
+    return p.parse_args(argv)
+
+
+def _setup_logging(instance: Any) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO,
+        format=f"[worker {instance}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.captureWarnings(True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parent_pid = os.getppid()
+    set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return EXIT_ORPHANED
+    args = parse_args(argv)
+    _setup_logging("?")
+    raw: Any = None
+    try:
+        if args.config_file is not None:
+            with open(args.config_file) as f:
+                raw = json.load(f)
+        else:
+            raw = json.loads(args.config)
+        if isinstance(raw, dict):
+            _setup_logging(raw.get("instance", "?"))
+        config = WorkerConfig.from_dict(raw)
+    except (OSError, ValueError, ConfigError) as e:
+        log.error("bad worker config: %s", e)
+        _report_config_error(raw, str(e))
+        return EXIT_CONFIG
+
+    startup_error = None
+    if config.pin_self:
+        # Before numpy/zmq/torch start any thread: threads inherit the affinity at creation.
+        try:
+            os.sched_setaffinity(0, config.cpus)
+        except OSError as e:
+            startup_error = f"cannot pin to CPUs {list(config.cpus)}: {e}"
+    try:
+        return Worker(config, parent_pid).serve(startup_error)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _report_config_error(raw: Any, message: str) -> None:
+    """Best effort: tell the coordinator why, when the config says where it is."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("endpoint"), str):
+        return
+    instance = raw.get("instance")
+    if not _is_int(instance):
+        return
+    try:
+        import zmq
+
+        from numabench.workers import protocol
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, protocol.identity(instance))
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.connect(raw["endpoint"])
+        sock.send_multipart(protocol.encode(protocol.ERROR, {
+            "req": None, "fatal": True, "message": f"bad worker config: {message}", "traceback": None}))
+        sock.close()
+        ctx.term()
+    except Exception as e:  # noqa: BLE001 - reporting is best effort; the exit code says enough
+        log.debug("could not report the config error to the coordinator: %s", e)

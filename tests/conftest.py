@@ -1,0 +1,47 @@
+"""Shared test fixtures. Topology: the real-machine trees from ../shared, unpacked once."""
+from __future__ import annotations
+
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+# ../shared beside the repository root (CI clones the repo with shared/ next to it).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOPOLOGY_FIXTURES = SHARED / "fixtures" / "topology"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can import sysfs_tree
+
+
+@pytest.fixture(scope="session")
+def topology_fixture_dir() -> Path:
+    if not TOPOLOGY_FIXTURES.is_dir():
+        pytest.skip(f"real-machine topology fixtures not found at {TOPOLOGY_FIXTURES} "
+                    "(../shared is absent in this checkout)")
+    return TOPOLOGY_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def topology_roots(topology_fixture_dir, tmp_path_factory) -> dict[str, Path]:
+    """Tarball stem (e.g. "32amd64-4s2n4c-cgroup2") → the unpacked filesystem root.
+
+    The folder inside a tarball may be named differently from the tarball, so the root is the
+    tarball's single top-level folder, whatever its name.
+    """
+    base = tmp_path_factory.mktemp("topology-fixtures")
+    tarballs = sorted(topology_fixture_dir.glob("*/*.tar.bz2"))
+    return {t.name.removesuffix(".tar.bz2"): _unpack(t, base) for t in tarballs}
+
+
+def _unpack(tarball: Path, base: Path) -> Path:
+    dest = base / tarball.name.removesuffix(".tar.bz2")
+    dest.mkdir()
+    with tarfile.open(tarball) as tar:
+        tops = {m.name.split("/")[0] for m in tar.getmembers()}
+        assert len(tops) == 1, f"{tarball} should unpack to one folder, got {sorted(tops)}"
+        try:
+            tar.extractall(dest, filter="tar")
+        except TypeError:  # Python without extraction filters
+            tar.extractall(dest)  # trusted test data
+    return dest / tops.pop()

@@ -1,0 +1,198 @@
+"""`numabench launch` end to end: real worker processes, real ZeroMQ, real numactl where installed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from numabench.results import RESULTS_SCHEMA, RESULTS_VERSION, samples_from_columns, summarize
+
+NUMACTL = shutil.which("numactl")
+USABLE = sorted(os.sched_getaffinity(0))
+TWO_CPUS = pytest.mark.skipif(len(USABLE) < 2, reason="needs at least 2 usable CPUs")
+
+
+def launch(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "numabench.cli", "launch", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start_launch(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "numabench.cli", "launch", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_line(path: Path, needle: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{needle!r} never appeared in {path}: "
+                         f"{path.read_text() if path.exists() else '(missing)'}")
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_all_gone(procs: list[psutil.Process], timeout: float = 10) -> None:
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+
+
+@TWO_CPUS
+def test_two_instances_tiny_model_end_to_end(tmp_path):
+    out = tmp_path / "results.json"
+    r = launch("--instances", "2", "--batch", "4", "--seq", "16", "--model", "bert-tiny",
+               "--iterations", "6", "--warmup", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "throughput:" in r.stdout and "samples/s over the common window" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc == json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["schema"] == RESULTS_SCHEMA and doc["version"] == RESULTS_VERSION
+    assert doc["status"] == "ok" and doc["error"] is None
+    assert doc["workload"]["model"] == "bert-tiny" and doc["workload"]["mode"] == "split"
+    assert len(doc["plan"]["instances"]) == 2
+    # Every instance reports the affinity it actually got, and it is what the plan asked for.
+    for iid, inst in doc["instances"].items():
+        assert inst["got"]["affinity"] == inst["asked"]["cpus"], iid
+        assert inst["got"]["threads"] == inst["asked"]["threads"] == 1
+        assert inst["got"]["model_info"]["name"] == "bert-tiny"
+        if doc["environment"]["binds_memory"]:
+            assert inst["got"]["mempolicy"]["mode"] == "bind"
+            assert inst["got"]["mempolicy"]["nodes"] == inst["asked"]["memory_nodes"]
+    assert doc["environment"]["binder"] == ("numactl" if NUMACTL else "taskset")
+    assert doc["environment"]["versions"]["torch"]
+    # Raw timings: 6 steps x 2 instances, integer ns, and the summary is derivable from them.
+    samples = samples_from_columns(doc["raw"])
+    assert len(samples) == 12 and sorted({s.step for s in samples}) == list(range(6))
+    assert all(s.compute_ns > 0 and s.e2e_ns >= s.compute_ns for s in samples)
+    again = summarize(samples, "split", doc["raw"]["window_start_ns"])
+    assert again.throughput == pytest.approx(doc["summary"]["throughput"])
+    assert doc["summary"]["samples"] == 6 * 4
+    assert doc["summary"]["step_latency"]["count"] == 6
+    assert doc["summary"]["step_latency"]["p99_ns"] is None  # 6 steps cannot support a p99
+    assert any("p90/p99 not reported" in w for w in doc["warnings"])
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert "all 2 instances ready" in log and "ok: 12 requests measured" in log
+
+
+@TWO_CPUS
+def test_throughput_mode_noop_reports_window_and_sum(tmp_path):
+    r = launch("--instances", "2", "--batch", "4", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--mode", "throughput", "--iterations", "30", "--compute-us", "500",
+               "--run-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["samples"] == 2 * 30 * 2
+    assert set(summary["instances"]) == {"0", "1"}
+    assert all(p["requests"] == 30 for p in summary["instances"].values())
+    # 500 us of compute per 2-sample request caps each instance at 4000 samples/s.
+    assert 0 < summary["throughput"] <= 2 * 4000
+    assert summary["throughput_sum"] >= summary["throughput"] * 0.5
+    assert summary["imbalance"] is not None
+    # compute time reported by the noop worker is the fixed compute time
+    assert summary["instances"]["0"]["compute"]["p50_ns"] >= 500_000
+
+
+@TWO_CPUS
+def test_kill_9_one_instance_fails_the_run_and_saves_partial_results(tmp_path):
+    run_dir = tmp_path / "run"
+    p = start_launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
+                     "--model", "bert-tiny", "--compute-us", "2000", "--duration", "60",
+                     "--run-dir", str(run_dir))
+    try:
+        wait_for_line(run_dir / "launch.log", "measuring")
+        time.sleep(0.3)
+        workers = workers_of(p.pid)
+        victim = next(w for w in workers if '"instance": 1' in " ".join(w.cmdline()))
+        killed_at = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+        assert time.monotonic() - killed_at < 10
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert "instance 1 killed by SIGKILL" in err
+    assert "last lines of" in err
+    assert_all_gone(workers)
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["status"] == "failed" and doc["failed_instance"] == 1
+    assert len(doc["raw"]["instance"]) > 0  # what was measured before the failure is kept
+
+
+@TWO_CPUS
+def test_sigint_stops_everything_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    p = start_launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
+                     "--model", "bert-tiny", "--compute-us", "1000", "--duration", "60",
+                     "--run-dir", str(run_dir))
+    try:
+        wait_for_line(run_dir / "launch.log", "measuring")
+        workers = workers_of(p.pid)
+        assert len(workers) >= 2
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert_all_gone(workers)
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["status"] == "interrupted"
+
+
+@TWO_CPUS
+@pytest.mark.parametrize("with_taskset", [True, False])
+def test_without_numactl_the_fallback_runs_and_says_so(tmp_path, with_taskset):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if with_taskset:
+        assert shutil.which("taskset"), "taskset (util-linux) is expected on Linux"
+        (bindir / "taskset").symlink_to(shutil.which("taskset"))
+    env = dict(os.environ, PATH=str(bindir))
+    out = tmp_path / "r.json"
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model",
+               "bert-tiny", "--iterations", "3", "--run-dir", str(tmp_path / "run"), "-o", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "numactl not found" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["binder"] == ("taskset" if with_taskset else "self")
+    assert doc["environment"]["binds_memory"] is False
+    for inst in doc["instances"].values():
+        assert inst["got"]["affinity"] == inst["asked"]["cpus"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--instances", str(len(USABLE) + 1)], "instances"),
+    (["--instances", "2", "--batch", "1"], "batch"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--backend", "tensorflow"], "tensorflow"),
+    (["--precision", "fp8"], "fp8"),
+    (["--seq", "0"], "--seq"),
+    (["--iterations", "3", "--duration", "2"], "not both"),
+    (["--plan", "missing.yaml"], "missing.yaml"),
+])
+def test_bad_arguments_fail_before_anything_starts(tmp_path, args, needle):
+    if args[:2] == ["--instances", "2"] and len(USABLE) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    run_dir = tmp_path / "run"
+    r = launch(*args, "--run-dir", str(run_dir), timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not run_dir.exists()  # nothing was started

@@ -1,0 +1,125 @@
+"""Launcher pieces on their own: binding commands, environments, process groups, statistics."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from numabench.errors import LaunchError
+from numabench.launcher import binding
+from numabench.launcher.procs import ProcessGroup
+from numabench.plans.model import InstancePlan
+from numabench.results import Sample, describe, percentile, summarize
+
+INST = InstancePlan(id=3, cpus=(4, 5, 6), memory_nodes=(1,), threads=3, batch=2)
+
+
+def test_numactl_prefix_binds_cpus_and_memory():
+    b = binding.Binder("numactl", "/usr/bin/numactl", binds_memory=True)
+    assert binding.bind_prefix(b, INST) == ["/usr/bin/numactl", "--physcpubind=4,5,6", "--membind=1", "--"]
+
+
+def test_numactl_without_memory_binding_only_pins():
+    b = binding.Binder("numactl", "/usr/bin/numactl", binds_memory=False)
+    assert binding.bind_prefix(b, INST) == ["/usr/bin/numactl", "--physcpubind=4,5,6", "--"]
+
+
+def test_taskset_and_self_prefixes():
+    assert binding.bind_prefix(binding.Binder("taskset", "/t", False), INST) == ["/t", "-c", "4,5,6"]
+    assert binding.bind_prefix(binding.Binder("self", None, False), INST) == []
+
+
+def test_worker_env_sets_threads_and_keeps_user_values_with_a_warning():
+    env, warnings, applied = binding.worker_env({"PATH": "/bin"}, INST)
+    assert env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "3"
+    assert applied == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"} and warnings == ()
+    env, warnings, applied = binding.worker_env({"OMP_NUM_THREADS": "8"}, INST, preload="/lib/libjemalloc.so.2")
+    assert env["OMP_NUM_THREADS"] == "8"  # never silently overridden
+    assert len(warnings) == 1 and "OMP_NUM_THREADS=8" in warnings[0] and "instance 3" in warnings[0]
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and "OMP_NUM_THREADS" not in applied
+
+
+def test_detect_binder_fallbacks(tmp_path):
+    empty = str(tmp_path)
+    b = binding.detect_binder("auto", path=empty)
+    assert b.name == "self" and not b.binds_memory
+    assert any("numactl not found" in w for w in b.warnings)
+    with pytest.raises(LaunchError, match="numactl was asked for"):
+        binding.detect_binder("numactl", path=empty)
+    taskset = shutil.which("taskset")
+    if taskset:
+        (tmp_path / "taskset").symlink_to(taskset)
+        b = binding.detect_binder("auto", path=empty)
+        assert b.name == "taskset"
+
+
+@pytest.mark.skipif(not shutil.which("numactl"), reason="numactl not installed")
+def test_detect_binder_probes_numactl_membind():
+    cpu = min(os.sched_getaffinity(0))
+    b = binding.detect_binder("auto", probe_cpu=cpu, probe_node=0)
+    assert b.name == "numactl"
+    # Where the container refuses set_mempolicy the binder must say memory is not bound.
+    ok = subprocess.run(["numactl", f"--physcpubind={cpu}", "--membind=0", "true"]).returncode == 0
+    assert b.binds_memory == ok and (ok or b.warnings)
+
+
+def test_process_group_stop_kills_the_whole_group(tmp_path):
+    # A worker that ignores SIGTERM and has a child: both must be gone after stop().
+    script = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print('u' + 'p', flush=True); time.sleep(60)")
+    group = ProcessGroup(tmp_path)
+    p = group.start(0, [sys.executable, "-c", script], dict(os.environ))
+    deadline = time.monotonic() + 20
+    while "\nup" not in group.tail(0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    family = [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
+    assert len(family) == 2
+    t0 = time.monotonic()
+    group.stop(grace_s=0.5)
+    assert time.monotonic() - t0 < 5
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive
+    assert group.exited()[0].describe() == "killed by SIGKILL"
+    assert "up" in group.tail(0)
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    vals = sorted([5, 1, 9, 3, 7, 2, 8])
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
+
+
+def test_describe_reports_percentiles_only_with_enough_samples():
+    w: list[str] = []
+    d = describe(list(range(1, 10)), "x", w)
+    assert d["p50_ns"] == 5 and d["p90_ns"] is None and d["p99_ns"] is None
+    assert any("only 9 samples" in s for s in w)
+    d = describe([100] * 50 + [200] * 50, "y", w)
+    assert d["p90_ns"] == 200 and d["p99_ns"] == 200
+    w.clear()
+    describe([100, 300] * 60, "z", w)
+    assert any("unstable" in s for s in w)
+
+
+def test_summarize_uses_the_common_window():
+    # Instance 0: two requests in [0, 100]; instance 1 starts late: one request in [50, 250].
+    s = [Sample(0, 0, 4, 0, 40, 30), Sample(0, 1, 4, 50, 100, 30), Sample(1, 0, 4, 50, 250, 150)]
+    out = summarize(s, "throughput")
+    assert out.window_ns == 250 and out.samples == 12
+    assert out.throughput == pytest.approx(12 / 250 * 1e9)
+    assert out.instances[0]["throughput"] == pytest.approx(8 / 100 * 1e9)
+    assert out.instances[1]["throughput"] == pytest.approx(4 / 200 * 1e9)
+    assert out.throughput_sum == pytest.approx((8 / 100 + 4 / 200) * 1e9)
+    assert out.imbalance == pytest.approx(0.75)
+    assert any("imbalanced" in w for w in out.warnings)
+    # split mode: the step's latency is its slowest shard
+    split = summarize([Sample(0, 0, 2, 0, 10, 5), Sample(1, 0, 2, 0, 30, 5)], "split")
+    assert split.step_latency["max_ns"] == 30
+    assert summarize([Sample(0, 0, 2, 5, 10, 5)], "split", window_start_ns=0).window_ns == 10

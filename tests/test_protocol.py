@@ -1,0 +1,134 @@
+"""The wire format: round trips (in memory and over real ZeroMQ) and every refusal."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zmq
+
+from numabench.workers import protocol as p
+
+
+def _header(frames):
+    return json.loads(bytes(frames[0]))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+    np.array(7, dtype=np.int32),                      # 0-d stays 0-d
+    np.zeros((0, 5), dtype=np.float32),               # empty
+    np.ones((2, 2), dtype=bool),
+    np.linspace(0, 1, 6, dtype=np.float16),
+    np.arange(12, dtype=np.float64).reshape(3, 4).T,  # not C-contiguous
+    np.arange(5, dtype=np.uint8),
+])
+def test_round_trip_arrays(array):
+    head, arrays = p.decode(p.encode(p.RUN, {"req": 3, "want": "summary"}, {"x": array}))
+    assert head["type"] == p.RUN and head["v"] == p.PROTOCOL_VERSION and head["req"] == 3
+    out = arrays["x"]
+    assert out.dtype == array.dtype and out.shape == array.shape
+    np.testing.assert_array_equal(out, array)
+
+
+def test_round_trip_without_arrays_and_order_kept():
+    frames = p.encode(p.READY, {"instance": 1, "affinity": [0, 1]},
+                      {"b": np.zeros(2), "a": np.ones(3, dtype=np.int8)})
+    head, arrays = p.decode(frames)
+    assert [s["name"] for s in head["arrays"]] == ["b", "a"]
+    assert list(arrays) == ["b", "a"]
+    assert p.decode(p.encode(p.STOP))[0]["type"] == p.STOP
+
+
+def test_round_trip_over_zeromq_router_dealer():
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://proto")
+        dealer.setsockopt(zmq.IDENTITY, p.identity(12))
+        dealer.connect("inproc://proto")
+        ids = np.random.default_rng(0).integers(0, 1000, size=(8, 128), dtype=np.int64)
+        dealer.send_multipart(p.encode(p.RUN, {"req": "a"}, {"input_ids": ids}), copy=False)
+        assert router.poll(2000)
+        frames = router.recv_multipart(copy=False)  # zmq.Frame objects, as the worker gets them
+        assert frames[0].bytes == b"12"
+        head, arrays = p.decode(frames[1:])
+        np.testing.assert_array_equal(arrays["input_ids"], ids)
+        assert head["req"] == "a"
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+def test_identity():
+    assert p.identity(3) == b"3" and p.identity("7") == b"7"
+
+
+# ---- encode refusals ----
+
+def test_encode_unknown_type():
+    with pytest.raises(p.ProtocolError, match="unknown message type"):
+        p.encode("HELO")
+
+
+@pytest.mark.parametrize("array", [np.array(["a"]), np.array([1 + 2j]), np.array([object()])])
+def test_encode_refuses_dtype(array):
+    with pytest.raises(p.ProtocolError, match="not allowed"):
+        p.encode(p.RUN, {}, {"x": array})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), object()])
+def test_encode_refuses_non_json_header(value):
+    with pytest.raises(p.ProtocolError, match="cannot be sent as JSON"):
+        p.encode(p.RESULT, {"x": value})
+
+
+# ---- decode refusals ----
+
+def _frames(head: dict, *arrays: bytes):
+    return [json.dumps(head).encode(), *arrays]
+
+
+GOOD = {"type": "RUN", "v": 1}
+
+
+@pytest.mark.parametrize("frames, match", [
+    ([], "empty message"),
+    ([b"x" * (p.MAX_HEADER_BYTES + 1)], "exceeds"),
+    ([b"not json"], "not JSON"),
+    ([b"\xff\xfe"], "not JSON"),
+    ([b"[" * 100_000], "not JSON"),                       # recursion, not a crash
+    ([b"[1, 2]"], "no known 'type'"),
+    (_frames({"type": "NOPE"}), "no known 'type'"),
+    (_frames({"v": 1}), "no known 'type'"),
+    (_frames({"type": "RUN", "v": 2}), "protocol version"),
+    (_frames({**GOOD, "arrays": []}, b"extra"), "0 arrays but 1 array frames"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": [1]}]}), "1 arrays but 0"),
+    (_frames({**GOOD, "arrays": "x"}, b"\x00"), "arrays"),
+    (_frames({**GOOD, "arrays": ["x"]}, b"\x00"), "bad array spec"),
+    (_frames({**GOOD, "arrays": [{"dtype": "int8", "shape": [1]}]}, b"\x00"), "name"),
+    (_frames({**GOOD, "arrays": [{"name": 1, "dtype": "int8", "shape": [1]}]}, b"\x00"), "name"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": [1]}] * 2},
+             b"\x00", b"\x00"), "repeated"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "object", "shape": [1]}]}, b"\x00"),
+     "not allowed"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": ["int8"], "shape": [1]}]}, b"\x00"),
+     "not allowed"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8"}]}, b"\x00"), "shape"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": "1"}]}, b"\x00"), "shape"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": [-1]}]}, b"\x00"), "shape"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": [1.0]}]}, b"\x00"), "shape"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": [True]}]}, b"\x00"), "shape"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int64", "shape": [2]}]}, b"\x00" * 8),
+     "needs 16"),
+    (_frames({**GOOD, "arrays": [{"name": "x", "dtype": "int8", "shape": [2**62, 4]}]}, b"\x00"),
+     "needs"),
+])
+def test_decode_refuses(frames, match):
+    with pytest.raises(p.ProtocolError, match=match):
+        p.decode(frames)
+
+
+def test_protocol_error_is_a_value_error():
+    assert issubclass(p.ProtocolError, ValueError)
