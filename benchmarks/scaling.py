@@ -18,6 +18,14 @@ from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, 
 from numabench.topology import read_machine
 
 
+def ms(ns: float | None) -> float | None:
+    return None if ns is None else ns / 1e6
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16, help="total batch per step")
@@ -48,11 +56,11 @@ def main() -> int:
         s = doc["summary"]
         step = s["step_latency"] or {}
         row = {"instances": n, "cores_per_instance": len(plan.instances[0].cpus),
-               "step_p50_ms": (step.get("p50_ns") or 0) / 1e6, "step_p90_ms": (step.get("p90_ns") or 0) / 1e6,
+               "step_p50_ms": ms(step.get("p50_ns")), "step_p90_ms": ms(step.get("p90_ns")),
                "throughput": s["throughput"], "throughput_sum": s["throughput_sum"],
                "binder": doc["environment"]["binder"], "warnings": doc["warnings"]}
         rows.append(row)
-        print(f"{n:>9} {row['cores_per_instance']:>10} {row['step_p50_ms']:>11.1f} {row['step_p90_ms']:>11.1f} "
+        print(f"{n:>9} {row['cores_per_instance']:>10} {fmt(row['step_p50_ms']):>11} {fmt(row['step_p90_ms']):>11} "
               f"{row['throughput']:>10.2f} {row['throughput_sum']:>9.2f}", flush=True)
     if args.output:
         args.output.write_text(json.dumps({"machine": machine.model_name, "cores": cores, "args": vars(args),

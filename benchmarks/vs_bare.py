@@ -3,7 +3,7 @@
 Both sides run N instances with the same plan: numabench in `throughput` mode (each instance
 closed-loop over ZeroMQ), the reference as N bare processes (benchmarks/bare_loop.py) started
 under the same numactl binding, released together. Throughput = samples over the common window
-on both sides. Runs alternate (bare, numabench, bare, numabench, ...) so drift hits both.
+on both sides. Rounds alternate which side goes first, so drift hits both.
 Goal: numabench / bare >= 0.98.
 
     .venv/bin/python benchmarks/vs_bare.py --instances 2 --batch 2 --seq 128 --model bert-base-cased
@@ -83,8 +83,13 @@ def main() -> int:
     binder = binding.detect_binder("auto", first.cpus[0], first.memory_nodes[0] if first.memory_nodes else None)
     bare, nb = [], []
     for r in range(args.rounds):
-        bare.append(bare_run(plan, binder, args))
-        nb.append(numabench_run(machine, plan, args))
+        # Alternate who goes first (ABBA...), so a drifting machine does not favour one side.
+        if r % 2 == 0:
+            bare.append(bare_run(plan, binder, args))
+            nb.append(numabench_run(machine, plan, args))
+        else:
+            nb.append(numabench_run(machine, plan, args))
+            bare.append(bare_run(plan, binder, args))
         print(f"round {r + 1}: bare {bare[-1]:.2f} samples/s, numabench {nb[-1]:.2f} samples/s", flush=True)
     ratio = statistics.median(nb) / statistics.median(bare)
     figures = {"model": args.model, "instances": args.instances, "batch_per_instance": args.batch,

@@ -32,6 +32,7 @@ class Sample:
     sent_ns: int  # coordinator, just before sending
     received_ns: int  # coordinator, right after the reply arrived
     compute_ns: int  # worker, the backend call only
+    start_ns: int  # worker, when the backend call began (same clock as sent_ns)
 
     @property
     def e2e_ns(self) -> int:
@@ -40,6 +41,14 @@ class Sample:
     @property
     def overhead_ns(self) -> int:
         return self.e2e_ns - self.compute_ns
+
+    @property
+    def to_worker_ns(self) -> int:
+        """Coordinator send → worker starts computing: encode, transport, wake-up, decode."""
+        return self.start_ns - self.sent_ns
+
+
+SAMPLE_COLUMNS = ("instance", "step", "batch", "sent_ns", "received_ns", "compute_ns", "start_ns")
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -127,6 +136,7 @@ def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = No
         if mode == "throughput" and imbalance > IMBALANCE_WARN:
             warnings.append(f"instances are imbalanced: slowest is {imbalance:.0%} below the fastest")
     overhead = describe([s.overhead_ns for s in samples], "overhead")
+    overhead["to_worker"] = describe([s.to_worker_ns for s in samples], "overhead to worker")
     return Summary(
         samples=total,
         window_ns=window,
@@ -156,14 +166,12 @@ def summary_to_dict(s: Summary) -> dict[str, Any]:
 
 def samples_to_columns(samples: list[Sample]) -> dict[str, list[int]]:
     """Raw timings as columns: compact in JSON and loss-free (integer ns)."""
-    cols = ("instance", "step", "batch", "sent_ns", "received_ns", "compute_ns")
-    return {c: [getattr(s, c) for s in samples] for c in cols}
+    return {c: [getattr(s, c) for s in samples] for c in SAMPLE_COLUMNS}
 
 
 def samples_from_columns(cols: dict[str, list[int]]) -> list[Sample]:
     n = len(cols["instance"])
-    return [Sample(*(int(cols[c][i]) for c in ("instance", "step", "batch", "sent_ns",
-                                                 "received_ns", "compute_ns"))) for i in range(n)]
+    return [Sample(*(int(cols[c][i]) for c in SAMPLE_COLUMNS)) for i in range(n)]
 
 
 def write_json_atomic(path: str | os.PathLike, doc: dict[str, Any]) -> None:

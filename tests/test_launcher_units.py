@@ -110,7 +110,7 @@ def test_describe_reports_percentiles_only_with_enough_samples():
 
 def test_summarize_uses_the_common_window():
     # Instance 0: two requests in [0, 100]; instance 1 starts late: one request in [50, 250].
-    s = [Sample(0, 0, 4, 0, 40, 30), Sample(0, 1, 4, 50, 100, 30), Sample(1, 0, 4, 50, 250, 150)]
+    s = [Sample(0, 0, 4, 0, 40, 30, 5), Sample(0, 1, 4, 50, 100, 30, 60), Sample(1, 0, 4, 50, 250, 150, 80)]
     out = summarize(s, "throughput")
     assert out.window_ns == 250 and out.samples == 12
     assert out.throughput == pytest.approx(12 / 250 * 1e9)
@@ -119,7 +119,9 @@ def test_summarize_uses_the_common_window():
     assert out.throughput_sum == pytest.approx((8 / 100 + 4 / 200) * 1e9)
     assert out.imbalance == pytest.approx(0.75)
     assert any("imbalanced" in w for w in out.warnings)
+    # overhead = end-to-end - compute, and its first leg ends when the worker starts computing
+    assert out.overhead["max_ns"] == 50 and out.overhead["to_worker"]["max_ns"] == 30
     # split mode: the step's latency is its slowest shard
-    split = summarize([Sample(0, 0, 2, 0, 10, 5), Sample(1, 0, 2, 0, 30, 5)], "split")
+    split = summarize([Sample(0, 0, 2, 0, 10, 5, 2), Sample(1, 0, 2, 0, 30, 5, 20)], "split")
     assert split.step_latency["max_ns"] == 30
-    assert summarize([Sample(0, 0, 2, 5, 10, 5)], "split", window_start_ns=0).window_ns == 10
+    assert summarize([Sample(0, 0, 2, 5, 10, 5, 6)], "split", window_start_ns=0).window_ns == 10

@@ -137,6 +137,11 @@ def test_noop_worker_serves_until_stop(coord):
     assert before <= res["start_ns"] <= res["end_ns"] <= after  # one host, one monotonic clock
     assert res["compute_ns"] == res["end_ns"] - res["start_ns"]
 
+    # "shape": what timed runs ask for, no checksums
+    coord.send(3, p.RUN, {"req": "s", "want": "shape"}, {"input_ids": ids})
+    res, _ = coord.recv_from(3)
+    assert res["req"] == "s" and res["output"] == {"shape": [2, 16], "dtype": "float32"}
+
     coord.send(3, p.RUN, {"req": "two", "want": "outputs"},
                {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     res, arrays = coord.recv_from(3)

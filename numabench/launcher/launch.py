@@ -243,8 +243,9 @@ class _Run:
             vocab = int(self.ready[inst.id].get("model_info", {}).get("vocab_size") or 1000)
             rng = np.random.default_rng(self.workload.seed + inst.id)
             ids = rng.integers(0, vocab, size=(inst.batch, self.workload.seq), dtype=np.int64)
-            out[inst.id] = ({}, protocol.prepare_arrays(
-                {"input_ids": ids, "attention_mask": np.ones_like(ids)}))
+            # No attention_mask: random ids have no padding, and a worker reads a missing mask
+            # as all ones; one frame less per request.
+            out[inst.id] = ({}, protocol.prepare_arrays({"input_ids": ids}))
         return out
 
     def _limit(self) -> tuple[int | None, int | None]:
@@ -267,7 +268,7 @@ class _Run:
             req += 1
             head, arrays = payloads[iid]
             sent = time.monotonic_ns()
-            coord.send(iid, protocol.RUN, {"req": req, "want": "summary", **head}, arrays)
+            coord.send(iid, protocol.RUN, {"req": req, "want": "shape", **head}, arrays)
             pending[req] = (iid, step, batch_of[iid], sent)
 
         def collect() -> int:
@@ -278,7 +279,8 @@ class _Run:
             if head["type"] != protocol.RESULT or head.get("req") not in pending:
                 raise LaunchError(f"instance {iid} sent an unexpected {head['type']} message")
             inst, step, batch, sent = pending.pop(head["req"])
-            self.samples.append(Sample(inst, step, batch, sent, received, int(head["compute_ns"])))
+            self.samples.append(Sample(inst, step, batch, sent, received, int(head["compute_ns"]),
+                                       int(head["start_ns"])))
             return inst
 
         def more(done: int) -> bool:

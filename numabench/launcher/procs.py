@@ -43,6 +43,9 @@ class ProcessGroup:
 
     def start(self, instance: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = self._logs.pop(instance, None)
+        if previous is not None:  # a restart (serve): the old process's log handle is done
+            previous.close()
         log = open(self.log_path(instance), "ab")
         log.write(("$ " + " ".join(argv) + "\n").encode())
         log.flush()

@@ -90,9 +90,13 @@ def prepare_arrays(arrays: dict[str, np.ndarray] | None) -> PreparedArrays:
 
 
 def encode(msg_type: str, header: dict[str, Any] | None = None,
-           arrays: dict[str, np.ndarray] | PreparedArrays | None = None) -> list[Any]:
-    """Build the frames of one message: [header_json, *array_buffers]."""
-    if msg_type not in MESSAGE_TYPES:
+           arrays: dict[str, np.ndarray] | PreparedArrays | None = None,
+           types: frozenset[str] = MESSAGE_TYPES) -> list[Any]:
+    """Build the frames of one message: [header_json, *array_buffers].
+
+    `types`: the message types this channel carries (the daemon's client channel has its own).
+    """
+    if msg_type not in types:
         raise ProtocolError(f"unknown message type {msg_type!r}")
     prepared = arrays if isinstance(arrays, PreparedArrays) else prepare_arrays(arrays)
     head = dict(header or {})
@@ -107,8 +111,12 @@ def encode(msg_type: str, header: dict[str, Any] | None = None,
     return [raw, *prepared.frames]
 
 
-def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse [header_json, *array_frames] into (header, arrays). Raises ProtocolError."""
+def decode(frames: Sequence[Any], types: frozenset[str] = MESSAGE_TYPES
+           ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Parse [header_json, *array_frames] into (header, arrays). Raises ProtocolError.
+
+    `types`: the message types accepted (default: the worker protocol's).
+    """
     if not frames:
         raise ProtocolError("empty message")
     raw = bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
@@ -118,7 +126,7 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
         head = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ProtocolError(f"header is not JSON: {str(e)[:200]}") from None
-    if not isinstance(head, dict) or head.get("type") not in MESSAGE_TYPES:
+    if not isinstance(head, dict) or head.get("type") not in types:
         raise ProtocolError(f"header has no known 'type': {str(head)[:200]}")
     if head.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {head.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
