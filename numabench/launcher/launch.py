@@ -170,21 +170,26 @@ class _Run:
 
     # --- start ---------------------------------------------------------------------------
 
-    def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
+    def prepare(self) -> None:
+        """Probe binding, allocator and governors: refusals come before any process starts."""
         first = self.plan.instances[0]
-        binder = binding.detect_binder(
+        self.binder = binding.detect_binder(
             self.opts.binder, probe_cpu=first.cpus[0],
             probe_node=first.memory_nodes[0] if first.memory_nodes else None, path=self.opts.path)
-        self.warnings.extend(binder.warnings)
-        preload = binding.find_allocator(self.opts.allocator)
-        if self.opts.allocator != "default" and preload is None:
+        self.warnings.extend(self.binder.warnings)
+        self.preload = binding.find_allocator(self.opts.allocator)
+        if self.opts.allocator != "default" and self.preload is None:
+            package = {"jemalloc": "libjemalloc2", "tcmalloc": "libgoogle-perftools4"}[self.opts.allocator]
             raise NumabenchError(f"--allocator {self.opts.allocator}: library not found; install it "
-                                 f"(Debian: apt-get install lib{self.opts.allocator}) or use default")
-        governors = binding.cpu_governors(self.plan.cpus)
-        slow = sorted({g for g in governors.values() if g != "performance"})
+                                 f"(Debian/Ubuntu: apt-get install {package}) or use --allocator default")
+        self.governors = binding.cpu_governors(self.plan.cpus)
+        slow = sorted({g for g in self.governors.values() if g != "performance"})
         if slow:
             self.warnings.append(f"CPU frequency governor is {', '.join(slow)}, not performance: "
                                  "timings may vary with frequency scaling")
+
+    def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
+        binder, preload, governors = self.binder, self.preload, self.governors
         worker_timeout = self.opts.ready_timeout_s + self.opts.request_timeout_s
         applied_env: dict[int, dict[str, str]] = {}
         for inst in self.plan.instances:
@@ -365,6 +370,7 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
     """
     check_workload(plan, workload)
     run = _Run(machine, plan, workload, opts)
+    run.prepare()
     # SIGTERM to the coordinator stops the run as cleanly as Ctrl-C does.
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     status, error, failed = "ok", None, None
