@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 # elsewhere set TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" (see README).
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= test,onnx,minilm,plots
+EXTRAS      ?= test,onnx,minilm,plots,serve
 
 .PHONY: install demo test lint clean
 

@@ -190,7 +190,7 @@ def plan_validate(ctx, plan_file, root):
 @click.option("--seq", "-s", type=int, default=128, show_default=True, help="Sequence length in tokens.")
 @click.option("--model", "-m", default="bert-base-cased", show_default=True,
               help="Built-in config (random weights), minilm, a local folder or a hub id.")
-@click.option("--backend", default="pytorch", show_default=True, help="pytorch or noop.")
+@click.option("--backend", default="pytorch", show_default=True, help="pytorch, onnxruntime or noop.")
 @click.option("--precision", default="fp32", show_default=True, help="fp32, bf16 or int8.")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Use this YAML plan instead of planning.")
@@ -207,6 +207,11 @@ def plan_validate(ctx, plan_file, root):
               help="Real text, one sample per line (needs a tokenizer).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random token ids.")
 @click.option("--compute-us", type=float, help="noop backend: fixed compute time per request, in microseconds.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="onnxruntime: folder of exported ONNX files (default $XDG_CACHE_HOME/numabench/onnx "
+                   "or ~/.cache/numabench/onnx).")
+@click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]),
+              help="onnxruntime: graph optimization level (default all).")
 @click.option("--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto", show_default=True)
 @click.option("--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
               show_default=True, help="Preload an allocator library (recorded in the results).")
@@ -218,7 +223,7 @@ def plan_validate(ctx, plan_file, root):
 @user_errors
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                iterations, duration, warmup, mode, text_file, seed, compute_us, binder, allocator,
-               transport, run_dir, output, as_json):
+               transport, run_dir, output, as_json, cache_dir, ort_opt_level):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -237,6 +242,12 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
     plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
                            cores_per_instance=cores_per_instance, batch=batch, smt=smt)
     options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
+    if (cache_dir or ort_opt_level) and backend != "onnxruntime":
+        raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")
+    if cache_dir:
+        options["cache_dir"] = str(Path(cache_dir).resolve())
+    if ort_opt_level:
+        options["opt_level"] = ort_opt_level
     workload = Workload(model=model, backend=backend, precision=precision, seq=seq, mode=mode,
                         iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
                         text_file=text_file, backend_options=options)
@@ -252,6 +263,244 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
         click.echo(json.dumps(doc["summary"], indent=1))
     else:
         click.echo(render_summary(summary_from_dict(doc["summary"]), doc["warnings"]))
+
+
+# ---- serve ----------------------------------------------------------------------------------
+# (section owned by the daemon part)
+
+endpoint_option = click.option(
+    "--endpoint", help="The daemon's endpoint (default: $NUMABENCH_ENDPOINT, or the running "
+                       "daemon's state file).")
+
+
+@cli.command("serve")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
+              help="YAML plan; instances with a seq_range form one pool per range.")
+@click.option("--instances", "-n", type=int, help="Plan this many instances (one pool) instead of --plan.")
+@click.option("--cores-per-instance", "-c", type=int, help="Physical cores per planned instance.")
+@click.option("--smt", is_flag=True, help="Give each planned instance its cores' SMT siblings too.")
+@click.option("--model", "-m", default="bert-base-cased", show_default=True,
+              help="Built-in config (random weights), minilm, a local folder or a hub id.")
+@click.option("--backend", default="pytorch", show_default=True, help="pytorch or noop.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32, bf16 or int8.")
+@click.option("--bind", help="Client endpoint (default: ipc:// in a private 0700 folder). "
+                             "tcp://127.0.0.1:PORT for loopback TCP.")
+@click.option("--allow-public-bind", is_flag=True,
+              help="Allow binding (and metrics) beyond loopback or a private folder. No authentication!")
+@click.option("--queue-size", type=int, default=64, show_default=True,
+              help="Waiting requests per pool; beyond it clients get a busy reply.")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Micro-batching: rows per dispatch (1 = off).")
+@click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
+              help="Micro-batching: longest wait for a fuller batch.")
+@click.option("--pad", type=click.Choice(["max", "bucket"]), default="max", show_default=True,
+              help="Pad requests to the pool's max length, or to power-of-two buckets in its range.")
+@click.option("--max-rows", type=int, default=64, show_default=True, help="Rows per request, at most.")
+@click.option("--max-request-mb", type=float, default=64.0, show_default=True,
+              help="Largest request message (bigger ones are dropped by ZeroMQ).")
+@click.option("--request-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds a request may wait and run before it is answered with an error.")
+@click.option("--warmup", "-w", type=int, default=1, show_default=True,
+              help="Warm-up runs per pool shape, per instance.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compute-us", type=float, help="noop backend: fixed compute time per request, in microseconds.")
+@click.option("--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto",
+              show_default=True)
+@click.option("--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
+              show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Folder for the instance logs (default runs/serve-<time>-<pid>).")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on 127.0.0.1:PORT (off by default).")
+@user_errors
+def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, bind,
+              allow_public_bind, queue_size, max_batch, max_wait_ms, pad, max_rows, max_request_mb,
+              request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port):
+    """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
+
+    \b
+    Examples:
+      numabench serve --plan plans/article-smart-dispatch.yaml --model bert-base-cased
+      numabench serve --instances 2 --model bert-tiny --max-batch 8 --max-wait-ms 2
+    """
+    import logging
+    from pathlib import Path
+
+    from numabench.daemon.server import ServeOptions, serve
+    from numabench.launcher.launch import plan_for_launch
+    from numabench.topology import read_machine
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="[serve] %(asctime)s %(levelname)s %(message)s")
+    machine = read_machine("/")
+    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
+                           cores_per_instance=cores_per_instance, smt=smt)
+    options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
+    opts = ServeOptions(
+        model=model, backend=backend, precision=precision, seed=seed, backend_options=options,
+        warmup=warmup, pad=pad, bind=bind, allow_public_bind=allow_public_bind,
+        queue_size=queue_size, max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows,
+        max_request_bytes=int(max_request_mb * (1 << 20)), request_timeout_s=request_timeout,
+        binder=binder, allocator=allocator, run_dir=Path(run_dir) if run_dir else None,
+        metrics_port=metrics_port)
+    sys.exit(serve(plan, opts, plan_file=str(Path(plan_file).resolve()) if plan_file else None,
+                   machine=machine))
+
+
+@cli.command("status")
+@endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@user_errors
+def status_cmd(endpoint, as_json, timeout):
+    """Show the running daemon: pools, instances, load, latency percentiles."""
+    from numabench.daemon.client import Client
+    from numabench.daemon.render import render_status
+
+    with Client(endpoint, timeout_s=timeout) as c:
+        doc = c.status()
+    click.echo(json.dumps(doc, indent=1) if as_json else render_status(doc))
+
+
+@cli.command("stop")
+@endpoint_option
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@user_errors
+def stop_cmd(endpoint, timeout):
+    """Drain the running daemon's queues, stop its workers and the daemon."""
+    from numabench.daemon.client import Client
+
+    with Client(endpoint, timeout_s=timeout) as c:
+        reply = c.stop()
+    click.echo(f"stopped daemon pid {reply.get('pid')}")
+
+
+@cli.command("reload")
+@click.argument("plan_file", metavar="[PLAN]", required=False, type=click.Path(dir_okay=False))
+@endpoint_option
+@user_errors
+def reload_cmd(plan_file, endpoint):
+    """Re-read the daemon's plan (or PLAN) and restart only the instances that changed."""
+    from numabench.daemon.client import Client
+
+    with Client(endpoint, timeout_s=30) as c:
+        r = c.reload(plan_file)
+    click.echo(f"reloaded {r['plan']}: kept {r['kept']}, stopping {r['stopped']}, "
+               f"starting {r['started']}; pools {', '.join(r['pools'])}")
+
+
+@cli.command("client")
+@endpoint_option
+@click.option("--text", "texts", multiple=True, help="Text to run (repeat for several rows; needs a tokenizer).")
+@click.option("--seq", "-s", type=int, help="Random token ids of this length instead of text.")
+@click.option("--rows", type=int, default=1, show_default=True, help="Rows of random ids (with --seq).")
+@click.option("--vocab", type=int, default=1000, show_default=True, help="Random ids are below this.")
+@click.option("--outputs", is_flag=True, help="Ask for the output array, not only its summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply header as JSON.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@user_errors
+def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
+    """Send one request to the running daemon and print who served it and how fast."""
+    import numpy as np
+
+    from numabench.daemon.client import Client
+    from numabench.errors import NumabenchError
+
+    if bool(texts) == (seq is not None):
+        raise NumabenchError("give --text or --seq (one of them)")
+    with Client(endpoint, timeout_s=timeout) as c:
+        if texts:
+            reply = c.infer(texts=list(texts), want="outputs" if outputs else "summary")
+        else:
+            ids = np.random.default_rng().integers(0, vocab, size=(rows, seq), dtype=np.int64)
+            reply = c.infer(input_ids=ids, want="outputs" if outputs else "summary")
+    if as_json:
+        click.echo(json.dumps(reply.header, indent=1))
+    elif reply.ok:
+        h = reply.header
+        click.echo(f"ok: instance {h['instance']} (pool {h['pool']}), {h['rows']}x{h['seq']} tokens "
+                   f"padded to {h['padded_seq']}; queue {h['queue_ns'] / 1e6:.2f} ms, compute "
+                   f"{h['compute_ns'] / 1e6:.2f} ms, total {h['total_ns'] / 1e6:.2f} ms; output "
+                   f"{h['output']['shape']} checksum {h['output']['checksum']}")
+    else:
+        click.echo(f"{reply.status}: {reply.reason}", err=True)
+        sys.exit(1)
+
+
+# ---- sweep / report / compare ---------------------------------------------------------------
+# (section owned by the experiments part)
+
+
+@cli.command("sweep")
+@click.argument("experiment", type=click.Path(dir_okay=False, exists=True))
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Results folder (default results/<experiment name>).")
+@click.option("--resume", is_flag=True,
+              help="Continue a sweep in this folder: skip finished points, rerun failed ones.")
+@click.option("--dry-run", is_flag=True, help="Validate every point against this machine and list them; run nothing.")
+@click.option("--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto", show_default=True)
+@click.option("--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
+              show_default=True, help="Preload an allocator library in every run.")
+@user_errors
+def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
+    """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
+
+    \b
+    Examples:
+      numabench sweep plans/experiment-batch-scaling.yaml -o results/bs
+      numabench sweep plans/experiment-batch-scaling.yaml -o results/bs --resume
+      numabench report results/bs
+    """
+    from numabench.experiments.runner import plan_sweep, run_sweep
+    from numabench.launcher.launch import LaunchOptions
+    from numabench.topology import read_machine
+
+    machine = read_machine("/")
+    if dry_run:
+        exp, points, plans = plan_sweep(experiment, machine)
+        click.echo(f"{exp.name} ({exp.kind}): {len(points)} points, all valid on this machine")
+        for k, (p, plan) in enumerate(zip(points, plans)):
+            click.echo(f"{k + 1:>4}  {p.id}  ({len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs)")
+        return
+    outcome = run_sweep(machine, experiment, output, resume=resume,
+                        launch_opts=LaunchOptions(binder=binder, allocator=allocator))
+    click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
+               f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
+
+
+@cli.command("report")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Where the CSV and plots go (default FOLDER/report).")
+@user_errors
+def report_cmd(folder, output):
+    """Table (terminal and CSV) and plots (PNG, SVG) of a sweep folder or a folder of results."""
+    from numabench.experiments.report import make_report
+
+    rep = make_report(folder, output)
+    click.echo(rep.table)
+    click.echo(f"wrote {len(rep.files)} files in {rep.csv.parent}: "
+               f"{', '.join(p.name for p in rep.files)}", err=True)
+
+
+@cli.command("compare")
+@click.argument("a_file", metavar="A", type=click.Path(dir_okay=False, exists=True))
+@click.argument("b_file", metavar="B", type=click.Path(dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@user_errors
+def compare_cmd(a_file, b_file, as_json):
+    """Each metric of results B against A: ratio B/A and a Mann-Whitney U test on raw samples."""
+    from numabench.experiments.compare import compare_docs, render_comparison
+    from numabench.results import load_results
+
+    try:
+        a, b = load_results(a_file), load_results(b_file)
+    except ValueError as e:
+        raise NumabenchError(str(e)) from None
+    rows = compare_docs(a, b)
+    if as_json:
+        click.echo(json.dumps({"a": a_file, "b": b_file, "metrics": [r.to_dict() for r in rows]}, indent=1))
+    else:
+        click.echo(render_comparison(a_file, a, b_file, b, rows))
 
 
 def main():

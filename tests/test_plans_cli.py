@@ -22,7 +22,8 @@ from numabench.plans import (
 from numabench.topology import read_machine
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((REPO / "plans").glob("*.yaml"))
+# plans/ holds example plans and experiments (experiment-*.yaml, tested in test_experiments.py).
+EXAMPLES = sorted(p for p in (REPO / "plans").glob("*.yaml") if not p.name.startswith("experiment-"))
 
 
 def run(*args):

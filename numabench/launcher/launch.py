@@ -86,7 +86,7 @@ def check_workload(plan: Plan, workload: Workload) -> None:
     from numabench.workers.backends import check_backend
     from numabench.workers.models import resolve_model
 
-    check_backend(workload.backend, workload.precision)
+    check_backend(workload.backend, workload.precision, workload.backend_options)
     spec = resolve_model(workload.model)
     if workload.mode not in MODES:
         raise NumabenchError(f"unknown mode {workload.mode!r}; choose one of {', '.join(MODES)}")
@@ -126,7 +126,7 @@ def read_texts(path: str) -> list[str]:
 
 
 def worker_config(inst, workload: Workload, endpoint: str, pin_self: bool,
-                  timeout_s: float) -> dict[str, Any]:
+                  timeout_s: float, extra_options: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "instance": inst.id,
         "endpoint": endpoint,
@@ -138,7 +138,7 @@ def worker_config(inst, workload: Workload, endpoint: str, pin_self: bool,
         "pin_self": pin_self,
         "warmup": {"shapes": [[inst.batch, workload.seq]], "iterations": workload.warmup},
         "seed": workload.seed + inst.id,
-        "options": dict(workload.backend_options),
+        "options": {**workload.backend_options, **(extra_options or {})},
         "timeout_s": timeout_s,
     }
 
@@ -159,6 +159,7 @@ class _Run:
         self.ready: dict[int, dict[str, Any]] = {}
         self.warnings: list[str] = []
         self.env_info: dict[str, Any] = {}
+        self.prepared: Any = None  # backends.Preparation, when the backend prepares (onnxruntime)
         self.window_start_ns: int | None = None
         self.started = _dt.datetime.now(_dt.timezone.utc)
 
@@ -188,6 +189,21 @@ class _Run:
             self.warnings.append(f"CPU frequency governor is {', '.join(slow)}, not performance: "
                                  "timings may vary with frequency scaling")
 
+    def prepare_backend(self) -> None:
+        """Once per run, before any worker starts: the ONNX export (or cache check) and its
+        agreement with PyTorch. Done here so 16 instances share one export and none times it."""
+        from numabench.workers.backends import prepare_backend
+        from numabench.workers.models import resolve_model
+
+        w = self.workload
+        if w.backend != "onnxruntime":
+            return
+        self.progress.update(f"preparing the {w.backend} model", force=True)
+        self.prepared = prepare_backend(w.backend, resolve_model(w.model), w.precision,
+                                        w.backend_options, seed=w.seed, log=self.log)
+        if self.prepared is not None:
+            self.warnings.extend(self.prepared.warnings)
+
     def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
         binder, preload, governors = self.binder, self.preload, self.governors
         worker_timeout = self.opts.ready_timeout_s + self.opts.request_timeout_s
@@ -196,7 +212,8 @@ class _Run:
             env, env_warn, applied = binding.worker_env(dict(os.environ), inst, preload)
             self.warnings.extend(env_warn)
             applied_env[inst.id] = applied
-            cfg = worker_config(inst, self.workload, coord.endpoint, binder.name == "self", worker_timeout)
+            cfg = worker_config(inst, self.workload, coord.endpoint, binder.name == "self", worker_timeout,
+                                self.prepared.options if self.prepared else None)
             argv = binding.bind_prefix(binder, inst) + [
                 sys.executable, "-m", "numabench.workers", "--config", json.dumps(cfg)]
             proc = group.start(inst.id, argv, env)
@@ -337,7 +354,8 @@ class _Run:
             "machine": machine_to_dict(self.machine),
             "plan": yaml.safe_load(dump_plan(self.plan)),
             "workload": asdict(self.workload),
-            "environment": {**self.env_info, "versions": versions},
+            "environment": {**self.env_info, "versions": versions,
+                            **({"backend": self.prepared.record} if self.prepared else {})},
             "instances": {
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
                                       "threads": i.threads, "batch": i.batch},
@@ -377,6 +395,7 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
     try:
         with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
             try:
+                run.prepare_backend()
                 run.spawn(group, coord)
                 run.wait_ready(coord)
                 run.measure(coord)

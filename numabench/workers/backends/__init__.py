@@ -2,35 +2,60 @@
 
 A backend loads one model at one precision on a fixed number of threads, then runs batches of
 token ids. The worker owns everything else (protocol, timing, tokenizing, warm-up), so a new
-backend (ONNX Runtime is next) only implements `load`, `run` and `info` and registers here.
+backend only implements `load`, `run` and `info` and registers here. A backend that needs
+work done once per run before any worker starts (the ONNX export) does it in `prepare_backend`,
+which the launcher calls.
 """
 from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from numabench.errors import NumabenchError
 
 PRECISIONS = ("fp32", "bf16", "int8")
-BACKENDS = frozenset({"pytorch", "noop"})
-RESERVED_BACKENDS = frozenset({"onnxruntime"})  # named in the design, not implemented yet
+BACKENDS = frozenset({"pytorch", "noop", "onnxruntime"})
+RESERVED_BACKENDS: frozenset[str] = frozenset()  # named in the design, not implemented yet
+ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 # Which precisions each backend runs, and the options it accepts (name -> type), so the launcher
 # can refuse a bad combination before it starts any process.
 SUPPORTED_PRECISIONS: Mapping[str, frozenset[str]] = {
     "pytorch": frozenset(PRECISIONS),
     "noop": frozenset(PRECISIONS),  # precision is recorded, not used: noop computes nothing
+    "onnxruntime": frozenset({"fp32", "int8"}),
+}
+# Why a precision is refused, where there is more to say than "not supported".
+UNSUPPORTED_WHY: Mapping[tuple[str, str], str] = {
+    ("onnxruntime", "bf16"): (
+        "bf16 on onnxruntime needs bfloat16 kernels for MatMul, Softmax and LayerNormalization in "
+        "ONNX Runtime's CPU execution provider, which it does not have (its only bf16 path, "
+        "mlas.enable_gemm_fastmath_arm64_bfloat16, is an Arm64 fp32-GEMM speed-up); use fp32 or "
+        "int8 on onnxruntime, or --backend pytorch for bf16"),
 }
 BACKEND_OPTIONS: Mapping[str, Mapping[str, type]] = {
     "pytorch": {},
     "noop": {"compute_ns": int, "spin": bool},
+    # model_path: the prepared ONNX file (set by the launcher); cache_dir: where to export to
+    # when there is none; opt_level: ONNX Runtime's graph optimization level.
+    "onnxruntime": {"model_path": str, "cache_dir": str, "opt_level": str},
+}
+OPTION_CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
+    ("onnxruntime", "opt_level"): ORT_OPT_LEVELS,
+}
+# Packages a backend needs at run time: (import name, pip requirement).
+BACKEND_PACKAGES: Mapping[str, tuple[tuple[str, str], ...]] = {
+    "onnxruntime": (("onnxruntime", "onnxruntime"),),
 }
 if TYPE_CHECKING:  # numpy starts BLAS threads on import: the worker imports it after pinning
     import numpy as np
 
-_MODULES = {"pytorch": "numabench.workers.backends.pytorch", "noop": "numabench.workers.backends.noop"}
+_MODULES = {"pytorch": "numabench.workers.backends.pytorch", "noop": "numabench.workers.backends.noop",
+            "onnxruntime": "numabench.workers.backends.onnxruntime"}
 
 
 class Backend(abc.ABC):
@@ -68,10 +93,17 @@ def check_backend(backend: str, precision: str, options: Mapping[str, Any] | Non
     if precision not in PRECISIONS:
         raise NumabenchError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     if precision not in SUPPORTED_PRECISIONS[backend]:
+        if (backend, precision) in UNSUPPORTED_WHY:
+            raise NumabenchError(UNSUPPORTED_WHY[backend, precision])
         raise NumabenchError(
             f"backend {backend!r} does not support {precision}; it supports "
             f"{', '.join(p for p in PRECISIONS if p in SUPPORTED_PRECISIONS[backend])}")
     check_options(backend, options or {})
+    missing = [pip for module, pip in BACKEND_PACKAGES.get(backend, ())
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise NumabenchError(f"backend {backend!r} needs {', '.join(missing)}: "
+                             "pip install 'numabench[onnx]'")
 
 
 def check_options(backend: str, options: Mapping[str, Any]) -> None:
@@ -87,6 +119,10 @@ def check_options(backend: str, options: Mapping[str, Any]) -> None:
         # bool is an int in Python; refuse it where an int is meant, and vice versa.
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise NumabenchError(f"backend option {key!r} must be {want.__name__}, got {value!r}")
+        choices = OPTION_CHOICES.get((backend, key))
+        if choices is not None and value not in choices:
+            raise NumabenchError(f"backend option {key!r} must be one of {', '.join(choices)}, "
+                                 f"got {value!r}")
 
 
 def create_backend(backend: str) -> Backend:
@@ -95,3 +131,26 @@ def create_backend(backend: str) -> Backend:
         check_backend(backend, PRECISIONS[0])  # raises with the right message
     module = importlib.import_module(_MODULES[backend])
     return module.BACKEND_CLASS()
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """Work a backend did once per run, before any worker started."""
+
+    options: dict[str, Any]  # added to every worker's options (e.g. the ONNX file's path)
+    record: dict[str, Any]  # kept in the results document (environment.backend)
+    warnings: list[str]
+
+
+def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[str, Any],
+                    seed: int = 0, log: Callable[[str], None] | None = None) -> Preparation | None:
+    """Once per run, in the launcher: onnxruntime exports (or reuses) its ONNX file and checks
+    it against PyTorch on a check batch. None for backends with nothing to prepare."""
+    if backend != "onnxruntime" or options.get("model_path"):
+        return None
+    from numabench.workers.backends.onnx_cache import prepare_onnx
+
+    opt_level = options.get("opt_level", "all")
+    prepared = prepare_onnx(spec, precision, options.get("cache_dir"), seed, opt_level, log)
+    return Preparation(options={"model_path": str(prepared.path)}, record=prepared.record(),
+                       warnings=prepared.warnings())

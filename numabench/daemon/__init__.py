@@ -1,0 +1,1 @@
+"""`numabench serve`: the plan's instances kept warm, requests routed by sequence length."""

@@ -1,0 +1,263 @@
+"""The resumable sweep runner: validate every point, then launch them one by one.
+
+Output folder (docs/experiments.md):
+
+    OUT/experiment.yaml      the experiment as it was run
+    OUT/manifest.json        schema numabench.sweep v1: every point, its status and its file
+    OUT/points/<id>.json     one results document per finished point (numabench.results v1,
+                             plus an "experiment" key naming the point)
+    OUT/runs/<id>/           the launch's own folder: launch.log, worker logs, results.json
+
+Each point file is written atomically as soon as the point finishes, so an interrupted sweep
+loses nothing finished; `--resume` treats a point as done when its file exists, is complete
+(status ok) and was made by the same point parameters, and runs everything else again.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from numabench import __version__
+from numabench.errors import LaunchError, NumabenchError
+from numabench.experiments.points import Point, expand, physical_cores, validate_points
+from numabench.experiments.spec import Experiment, ExperimentError, load_experiment
+from numabench.launcher.launch import LaunchOptions, RunInterrupted, run_launch
+from numabench.results import write_json_atomic
+from numabench.topology.model import Machine
+
+MANIFEST_SCHEMA = "numabench.sweep"
+MANIFEST_VERSION = 1
+MANIFEST = "manifest.json"
+POINTS_DIR = "points"
+RUNS_DIR = "runs"
+
+
+class SweepInterrupted(LaunchError):
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    out_dir: Path
+    total: int
+    ran: tuple[str, ...]  # point ids run now
+    skipped: tuple[str, ...]  # finished earlier (resume)
+    failed: tuple[str, ...]
+
+
+def point_file(out_dir: Path, point: Point) -> Path:
+    return out_dir / POINTS_DIR / f"{point.id}.json"
+
+
+def finished(out_dir: Path, point: Point) -> bool:
+    """A complete results file made by exactly this point (a changed experiment reruns it)."""
+    import json
+
+    path = point_file(out_dir, point)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (doc.get("status") == "ok"
+            and (doc.get("experiment") or {}).get("point") == point.to_dict())
+
+
+def plan_sweep(experiment_file: str | Path, machine: Machine):
+    """Read, expand and validate: (experiment, points, plans). Nothing runs."""
+    exp = load_experiment(experiment_file)
+    points = expand(exp, machine)
+    plans = validate_points(points, machine, where=exp.where())
+    return exp, points, plans
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _machine_summary(machine: Machine) -> dict[str, Any]:
+    return {"model_name": machine.model_name, "physical_cores": physical_cores(machine),
+            "cpus_usable": len(machine.cpus_usable), "threads_per_core": machine.threads_per_core,
+            "nodes": [n.id for n in machine.nodes if n.cpus]}
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _Sweep:
+    def __init__(self, machine: Machine, exp: Experiment, experiment_text: str, points, plans,
+                 out_dir: Path, launch_opts, stream: TextIO, clock: Callable[[], float]):
+        self.machine, self.exp, self.points, self.plans = machine, exp, points, plans
+        self.out_dir, self.launch_opts, self.stream, self.clock = out_dir, launch_opts, stream, clock
+        self.experiment_text = experiment_text
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def load_previous(self) -> None:
+        """Keep what an earlier run of this folder recorded (errors of failed points, times)."""
+        import json
+
+        try:
+            old = json.loads((self.out_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return
+        self.created = old.get("created", self.created)
+        by_id = {e.get("id"): e for e in old.get("points", [])}
+        for p in self.points:
+            if p.id in by_id and by_id[p.id].get("params") == p.to_dict():
+                self.entries[p.id] = by_id[p.id]
+
+    def write_manifest(self, status: str) -> None:
+        doc = {
+            "schema": MANIFEST_SCHEMA, "version": MANIFEST_VERSION, "status": status,
+            "name": self.exp.name, "kind": self.exp.kind, "description": self.exp.description,
+            "experiment_file": "experiment.yaml", "created": self.created,
+            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "numabench": __version__, "machine": _machine_summary(self.machine),
+            "points": [self.entries[p.id] for p in self.points],
+        }
+        write_json_atomic(self.out_dir / MANIFEST, doc)
+
+    def entry(self, k: int, p: Point, status: str, **extra) -> None:
+        e = self.entries.get(p.id, {})
+        e.update({"id": p.id, "index": k, "label": p.label, "status": status,
+                  "file": f"{POINTS_DIR}/{p.id}.json", "run_dir": f"{RUNS_DIR}/{p.id}",
+                  "params": p.to_dict()})
+        e.update(extra)
+        self.entries[p.id] = e
+
+    def run_point(self, k: int, p: Point, plan) -> dict[str, Any]:
+
+        run_dir = self.out_dir / RUNS_DIR / p.id
+        if run_dir.exists():  # an earlier failed or interrupted attempt: keep its logs aside
+            attempt = 1
+            while run_dir.with_name(f"{p.id}.attempt-{attempt}").exists():
+                attempt += 1
+            run_dir.rename(run_dir.with_name(f"{p.id}.attempt-{attempt}"))
+        opts = replace(self.launch_opts, run_dir=run_dir, output=None)
+        doc = run_launch(self.machine, plan, p.workload(), opts)
+        doc["experiment"] = {"name": self.exp.name, "kind": self.exp.kind, "point_id": p.id,
+                             "index": k, "total": len(self.points), "point": p.to_dict()}
+        write_json_atomic(point_file(self.out_dir, p), doc)
+        return doc
+
+    def run(self, resume: bool) -> SweepOutcome:
+        try:
+            return self._run(resume)
+        except KeyboardInterrupt:  # between points: everything finished is already saved
+            for p in self.points:
+                if self.entries.get(p.id, {}).get("status") == "running":
+                    self.entries[p.id]["status"] = "interrupted"
+            if self.entries:
+                self.write_manifest("interrupted")
+            raise SweepInterrupted(f"interrupted; finished points are saved in {self.out_dir}; run "
+                                   "the same command with --resume to finish") from None
+
+    def _run(self, resume: bool) -> SweepOutcome:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "experiment.yaml").write_text(self.experiment_text)
+        if resume:
+            self.load_previous()
+        todo = []
+        for k, p in enumerate(self.points):
+            if resume and finished(self.out_dir, p):
+                self.entry(k, p, "ok")
+            else:
+                todo.append(k)
+                prior = self.entries.get(p.id, {}).get("status")
+                self.entry(k, p, "pending", **({"previous_status": prior} if prior else {}))
+        skipped = tuple(p.id for k, p in enumerate(self.points) if k not in set(todo))
+        total = len(self.points)
+        self.say(f"sweep {self.exp.name} ({self.exp.kind}): {total} points"
+                 + (f", {len(skipped)} already finished (skipped)" if skipped else "")
+                 + f"; results in {self.out_dir}")
+        self.write_manifest("running")
+        ran, failed, durations = [], [], []
+        done = len(skipped)
+        for k in todo:
+            p = self.points[k]
+            self.say(f"[{done + 1}/{total}] {p.label}")
+            self.entry(k, p, "running", started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            self.write_manifest("running")
+            t0 = self.clock()
+            try:
+                doc = self.run_point(k, p, self.plans[k])
+            except (KeyboardInterrupt, RunInterrupted):
+                self.entry(k, p, "interrupted", error="interrupted by the user")
+                self.write_manifest("interrupted")
+                raise SweepInterrupted(
+                    f"interrupted: {done} of {total} points finished and saved in {self.out_dir}; "
+                    "run the same command with --resume to finish") from None
+            except NumabenchError as e:
+                seconds = self.clock() - t0
+                self.entry(k, p, "failed", error=str(e), seconds=round(seconds, 3))
+                self.write_manifest("running")
+                failed.append(p.id)
+                self.say(f"  failed after {_fmt_s(seconds)}: {str(e).splitlines()[0]}")
+                continue
+            seconds = self.clock() - t0
+            durations.append(seconds)
+            done += 1
+            ran.append(p.id)
+            s = doc["summary"]
+            step = (s.get("step_latency") or {}).get("p50_ns")
+            self.entry(k, p, "ok", error=None, seconds=round(seconds, 3),
+                       finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       throughput=s["throughput"])
+            self.write_manifest("running")
+            left = len(todo) - len(ran) - len(failed)
+            eta = f", about {_fmt_s(sum(durations) / len(durations) * left)} left" if left else ""
+            self.say(f"  done {done}/{total} in {_fmt_s(seconds)}: {s['throughput']:.2f} samples/s"
+                     + (f", step p50 {step / 1e6:.1f} ms" if step else "") + eta)
+        self.write_manifest("failed" if failed else "ok")
+        return SweepOutcome(self.out_dir, total, tuple(ran), skipped, tuple(failed))
+
+
+def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path | None = None,
+              *, resume: bool = False, launch_opts=None, stream: TextIO | None = None,
+              clock: Callable[[], float] = time.monotonic) -> SweepOutcome:
+    """Run (or resume) a sweep; raises SweepInterrupted on Ctrl-C / SIGTERM, LaunchError when
+    points failed (after running all the others)."""
+    experiment_file = Path(experiment_file)
+    exp, points, plans = plan_sweep(experiment_file, machine)
+    out = Path(out_dir) if out_dir is not None else Path("results") / exp.name
+    if (out / MANIFEST).exists() and not resume:
+        raise ExperimentError(f"{out} already holds a sweep; add --resume to finish it, or choose "
+                              "another folder with -o")
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"{out} exists and is not a folder")
+    opts = launch_opts or LaunchOptions()
+    sweep = _Sweep(machine, exp, experiment_file.read_text(), points, plans, out, opts,
+                   stream or sys.stderr, clock)
+    # SIGTERM between points stops the sweep as cleanly as Ctrl-C (run_launch handles it inside).
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _sigterm) if main else None
+    try:
+        outcome = sweep.run(resume)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    if outcome.failed:
+        raise LaunchError(f"{len(outcome.failed)} of {outcome.total} points failed "
+                          f"({', '.join(outcome.failed[:5])}{', ...' if len(outcome.failed) > 5 else ''}); "
+                          f"see {out / MANIFEST} and the logs under {out / RUNS_DIR}; "
+                          "rerun with --resume to retry only those")
+    return outcome

@@ -1,0 +1,239 @@
+"""Experiment documents: a versioned YAML sweep description, read with file:line in every error.
+
+The reader reuses the plan loader's node walker (numabench.plans.yamlio), so an experiment
+error names the file, the line and the field just as a plan error does:
+
+    experiment.yaml:7: seq[1]: expected an integer, got 'long' (string)
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from numabench.errors import NumabenchError, PlanError
+from numabench.plans.model import PlanSource
+from numabench.plans.yamlio import _describe, _Reader, _type_name
+
+EXPERIMENT_VERSION = 1
+KINDS = ("core-scaling", "batch-scaling", "smt", "grid")
+MODES = ("split", "throughput")  # the launcher's modes (kept here so reading YAML stays light)
+AUTO = "auto"
+
+COMMON_KEYS = ("version", "kind", "name", "description", "model", "backend", "precision", "seq",
+               "batch", "mode", "iterations", "duration", "warmup", "repetitions", "seed",
+               "backend_options")
+KIND_KEYS = {
+    # one instance at batch b on 1 .. all physical cores (the article's Figure 6)
+    "core-scaling": ("cores", "smt"),
+    # a total batch B over N instances of C/N cores (Figures 7-9); cores = C, the total
+    "batch-scaling": ("instances", "cores", "smt"),
+    # every point twice: physical cores, then the same cores plus their SMT siblings
+    "smt": ("instances", "cores_per_instance"),
+    # the product of every axis given
+    "grid": ("instances", "cores_per_instance", "smt"),
+}
+ALL_KEYS = COMMON_KEYS + ("instances", "cores", "cores_per_instance", "smt")
+KIND_HELP = {
+    "core-scaling": "one instance on 1..all cores; use 'cores'",
+    "batch-scaling": "N instances share 'cores' (default: all); use 'instances' and 'cores'",
+    "smt": "compares smt off and on itself; use 'instances' and 'cores_per_instance'",
+    "grid": "use 'instances' and/or 'cores_per_instance'",
+}
+DEFAULTS = {"model": "bert-base-cased", "backend": "pytorch", "precision": "fp32", "seq": 128,
+            "batch": 8, "mode": "split", "warmup": 3, "repetitions": 1, "seed": 0}
+
+
+class ExperimentError(PlanError):
+    """An experiment document, or one of its points, is invalid. `where` is 'file:line: field'."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A sweep as written: axes (tuples of values, or "auto"), and what every run does."""
+
+    kind: str
+    name: str
+    models: tuple[str, ...] = (DEFAULTS["model"],)
+    backends: tuple[str, ...] = (DEFAULTS["backend"],)
+    precisions: tuple[str, ...] = (DEFAULTS["precision"],)
+    seqs: tuple[int, ...] = (DEFAULTS["seq"],)
+    batches: tuple[int, ...] = (DEFAULTS["batch"],)
+    instances: tuple[int, ...] | str | None = None  # None: not given; "auto": powers of two
+    cores: tuple[int, ...] | str | None = None
+    cores_per_instance: tuple[int, ...] | None = None
+    smt: tuple[bool, ...] = (False,)
+    mode: str = DEFAULTS["mode"]
+    iterations: int | None = None
+    duration_s: float | None = None
+    warmup: int = DEFAULTS["warmup"]
+    repetitions: int = DEFAULTS["repetitions"]
+    seed: int = DEFAULTS["seed"]
+    backend_options: tuple[tuple[str, Any], ...] = ()
+    description: str | None = None
+    version: int = EXPERIMENT_VERSION
+    source: PlanSource | None = field(default=None, compare=False, repr=False)
+
+    def where(self, path: str = "") -> str:
+        return self.source.where(path) if self.source else (path or self.name)
+
+
+def load_experiment(source: str | os.PathLike, *, name: str | None = None) -> Experiment:
+    """Read an experiment from a file path or YAML text (a str with a newline is text)."""
+    if isinstance(source, os.PathLike) or "\n" not in str(source):
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ExperimentError(f"cannot read experiment: {e.strerror}", where=str(path)) from None
+        return parse_experiment(text, name=name or str(path), default_name=path.stem)
+    return parse_experiment(str(source), name=name or "<string>", default_name="experiment")
+
+
+def parse_experiment(text: str, *, name: str = "<string>", default_name: str = "experiment") -> Experiment:
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise ExperimentError(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
+    return _ExperimentReader(name).experiment(root, default_name)
+
+
+class _ExperimentReader(_Reader):
+    def fail(self, path: str, message: str) -> ExperimentError:
+        return ExperimentError(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
+
+    def choice(self, node, path: str, choices: tuple[str, ...], what: str) -> str:
+        value = self.string(node, path)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.fail(path, f"unknown {what} {value!r}{hint}; choose one of {', '.join(choices)}")
+        return value
+
+    def axis(self, node, path: str, read, *, auto: bool = False):
+        """One value or a list of values (each read by `read`); "auto" where allowed."""
+        if auto and isinstance(node, yaml.ScalarNode) and node.value == AUTO:
+            return AUTO
+        if isinstance(node, yaml.SequenceNode):
+            if not node.value:
+                raise self.fail(path, "an empty list gives no points; give at least one value")
+            values = []
+            for k, item in enumerate(node.value):
+                self.lines[f"{path}[{k}]"] = item.start_mark.line + 1
+                value = read(item, f"{path}[{k}]")
+                if value in values:
+                    raise self.fail(f"{path}[{k}]", f"{value!r} is listed twice")
+                values.append(value)
+            return tuple(values)
+        if isinstance(node, yaml.MappingNode):
+            raise self.fail(path, f"expected a value or a list of values, got {_describe(node)}")
+        return (read(node, path),)
+
+    def positive(self, node, path: str) -> int:
+        return self.integer(node, path, minimum=1)
+
+    def text(self, node, path: str) -> str:
+        value = self.string(node, path)
+        if not value:
+            raise self.fail(path, "expected a non-empty string")
+        return value
+
+    def number(self, node, path: str) -> float:
+        value = self.scalar(node, path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(path, f"expected a number of seconds, got {value!r} ({_type_name(value)})")
+        if value <= 0:
+            raise self.fail(path, f"must be positive, not {value}")
+        return float(value)
+
+    def experiment(self, root, default_name: str) -> Experiment:
+        from numabench.workers.backends import BACKENDS, PRECISIONS, check_options
+        from numabench.workers.models import resolve_model
+
+        if root is None:
+            raise ExperimentError("the experiment is empty", where=self.name)
+        doc = self.mapping(root, "", ALL_KEYS)
+        if "version" not in doc:
+            raise self.fail("", f"missing 'version' (this numabench reads version {EXPERIMENT_VERSION})")
+        version = self.integer(doc["version"], "version")
+        if version != EXPERIMENT_VERSION:
+            raise self.fail("version", f"unsupported experiment version {version}; this numabench "
+                                       f"reads version {EXPERIMENT_VERSION}")
+        if "kind" not in doc:
+            raise self.fail("", f"missing 'kind' (one of {', '.join(KINDS)})")
+        kind = self.choice(doc["kind"], "kind", KINDS, "kind")
+        allowed = COMMON_KEYS + KIND_KEYS[kind]
+        for key in doc:
+            if key not in allowed:
+                raise self.fail(key, f"{key!r} does not apply to kind {kind} ({KIND_HELP[kind]})")
+
+        out: dict[str, Any] = {"kind": kind, "version": version}
+        out["name"] = self.text(doc["name"], "name") if "name" in doc else default_name
+        if "description" in doc:
+            out["description"] = self.string(doc["description"], "description")
+        if "model" in doc:
+            out["models"] = self.axis(doc["model"], "model", self.text)
+            for k, m in enumerate(out["models"]):
+                p = "model" if isinstance(doc["model"], yaml.ScalarNode) else f"model[{k}]"
+                try:
+                    resolve_model(m)
+                except NumabenchError as e:
+                    raise self.fail(p, str(e)) from None
+        if "backend" in doc:
+            out["backends"] = self.axis(doc["backend"], "backend",
+                                        lambda n, p: self.choice(n, p, tuple(sorted(BACKENDS)), "backend"))
+        if "precision" in doc:
+            out["precisions"] = self.axis(doc["precision"], "precision",
+                                          lambda n, p: self.choice(n, p, PRECISIONS, "precision"))
+        if "seq" in doc:
+            out["seqs"] = self.axis(doc["seq"], "seq", self.positive)
+        if "batch" in doc:
+            out["batches"] = self.axis(doc["batch"], "batch", self.positive)
+        if "instances" in doc:
+            out["instances"] = self.axis(doc["instances"], "instances", self.positive,
+                                         auto=kind == "batch-scaling")
+        if "cores" in doc:
+            out["cores"] = self.axis(doc["cores"], "cores", self.positive, auto=True)
+        if "cores_per_instance" in doc:
+            out["cores_per_instance"] = self.axis(doc["cores_per_instance"], "cores_per_instance",
+                                                  self.positive)
+        if "smt" in doc:
+            out["smt"] = self.axis(doc["smt"], "smt", self.boolean)
+        if "mode" in doc:
+            out["mode"] = self.choice(doc["mode"], "mode", MODES, "mode")
+        if "iterations" in doc:
+            out["iterations"] = self.integer(doc["iterations"], "iterations", minimum=1)
+        if "duration" in doc:
+            if "iterations" in doc:
+                raise self.fail("duration", "give iterations or duration, not both")
+            out["duration_s"] = self.number(doc["duration"], "duration")
+        if "warmup" in doc:
+            out["warmup"] = self.integer(doc["warmup"], "warmup", minimum=0)
+        if "repetitions" in doc:
+            out["repetitions"] = self.integer(doc["repetitions"], "repetitions", minimum=1)
+        if "seed" in doc:
+            out["seed"] = self.integer(doc["seed"], "seed", minimum=0)
+        if "backend_options" in doc:
+            node = doc["backend_options"]
+            if not isinstance(node, yaml.MappingNode):
+                raise self.fail("backend_options", f"expected a mapping like {{compute_ns: 1000}}, "
+                                                   f"got {_describe(node)}")
+            options = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                self.lines[f"backend_options.{key}"] = key_node.start_mark.line + 1
+                options[key] = self.scalar(value_node, f"backend_options.{key}")
+            for backend in out.get("backends", (DEFAULTS["backend"],)):
+                try:
+                    check_options(backend, options)
+                except NumabenchError as e:
+                    bad = next((k for k in options if k in str(e)), "")
+                    raise self.fail(f"backend_options.{bad}" if bad else "backend_options", str(e)) from None
+            out["backend_options"] = tuple(sorted(options.items()))
+        return Experiment(**out, source=PlanSource(self.name, tuple(self.lines.items())))
