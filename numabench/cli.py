@@ -281,7 +281,7 @@ endpoint_option = click.option(
 @click.option("--smt", is_flag=True, help="Give each planned instance its cores' SMT siblings too.")
 @click.option("--model", "-m", default="bert-base-cased", show_default=True,
               help="Built-in config (random weights), minilm, a local folder or a hub id.")
-@click.option("--backend", default="pytorch", show_default=True, help="pytorch or noop.")
+@click.option("--backend", default="pytorch", show_default=True, help="pytorch, onnxruntime or noop.")
 @click.option("--precision", default="fp32", show_default=True, help="fp32, bf16 or int8.")
 @click.option("--bind", help="Client endpoint (default: ipc:// in a private 0700 folder). "
                              "tcp://127.0.0.1:PORT for loopback TCP.")

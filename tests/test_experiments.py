@@ -164,7 +164,9 @@ def test_example_experiments_expand_on_the_article_machine():
     assert sorted({p.instances for p in bs}) == [1, 2, 4, 8, 16, 32]  # <= 48 cores and <= batch 32
     lead = expand(load_experiment(REPO / "benchmarks" / "batch-scaling-bert-base.yaml"),
                   build_machine(cores_per_node=16))
-    assert [(p.instances, p.cores_per_instance) for p in lead] == [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)]
+    splits = [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)]
+    assert [(p.seq, p.instances, p.cores_per_instance) for p in lead] == (
+        [(32, *s) for s in splits] + [(128, *s) for s in splits])
 
 
 # ---- synthetic results documents -------------------------------------------------------------

@@ -317,3 +317,24 @@ def test_texts_are_tokenized_and_routed(tmp_path):
         assert r.returncode == 0 and "pool all" in r.stdout, r.stderr
     finally:
         d.close()
+
+
+def test_onnxruntime_backend_exports_once_for_the_pool(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    d = Daemon(tmp_path, "--instances", "2", "--backend", "onnxruntime", "--model", "bert-tiny")
+    try:
+        with d.client(timeout_s=60) as c:
+            for seq in (5, 40):
+                r = c.infer(input_ids=ids(seq, rows=2), want="outputs")
+                assert r.ok, r.header
+                assert r.output.shape == (2, seq, 32)  # bert-tiny's last hidden state
+        # one export, by the daemon, shared by both workers: none exported or checked on its own
+        onnx_files = list((tmp_path / "cache").rglob("*.onnx"))
+        assert len(onnx_files) == 1, onnx_files
+        assert d.output().count("exporting bert-tiny to ONNX") == 1
+        worker_logs = sorted((tmp_path / "run").glob("instance-*.log"))
+        assert len(worker_logs) == 2
+        assert not any("onnx cache" in p.read_text() or "exporting" in p.read_text() for p in worker_logs)
+    finally:
+        d.close()

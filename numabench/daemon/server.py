@@ -194,6 +194,7 @@ class Daemon:
         self._last_check = 0.0
         self._announced_ready = False
         self._pool_specs = build_pools(plan, self.max_positions, opts.pad)
+        self.extra_options: dict[str, Any] | None = None  # from the backend's one-off preparation
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class Daemon:
 
     def _make_instance(self, inst: InstancePlan, pool: PoolSpec) -> Instance:
         cfg = worker_config(inst, self._workload(), self.coord.endpoint, self.binder.name == "self",
-                            WORKER_IDLE_TIMEOUT_S)
+                            WORKER_IDLE_TIMEOUT_S, self.extra_options)
         batches = sorted({1, self.opts.max_batch})
         cfg["warmup"] = {"shapes": [[b, s] for s in pool.shapes for b in batches],
                          "iterations": self.opts.warmup}
@@ -248,14 +249,16 @@ class Daemon:
         endpoint = o.bind or endpoints.default_endpoint()
         self.warnings.extend(endpoints.check_bind(endpoint, o.allow_public_bind))
         own_state = self._check_existing(endpoint)
-        first = self.plan.instances[0]
-        self.binder = binding.detect_binder(
-            o.binder, probe_cpu=first.cpus[0],
-            probe_node=first.memory_nodes[0] if first.memory_nodes else None, path=o.path)
+        self.binder, self.preload = binding.prepare_binding(self.plan, o.binder, o.allocator, o.path)
         self.warnings.extend(self.binder.warnings)
-        self.preload = binding.find_allocator(o.allocator)
-        if o.allocator != "default" and self.preload is None:
-            raise NumabenchError(f"--allocator {o.allocator}: library not found")
+        # One ONNX export (or cache check) for all instances, before any worker starts.
+        from numabench.workers.backends import prepare_backend
+
+        prepared = prepare_backend(o.backend, self.spec, o.precision, o.backend_options, seed=o.seed,
+                                   log=lambda msg: log.info("%s", msg))
+        if prepared is not None:
+            self.extra_options = prepared.options
+            self.warnings.extend(prepared.warnings)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.group = ProcessGroup(self.run_dir)
         self.coord = Coordinator(self.group, "ipc")

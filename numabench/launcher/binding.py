@@ -11,8 +11,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from numabench.errors import LaunchError
-from numabench.plans.model import InstancePlan
+from numabench.errors import LaunchError, NumabenchError
+from numabench.plans.model import InstancePlan, Plan
 
 BINDERS = ("auto", "numactl", "taskset", "self")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -78,6 +78,25 @@ def detect_binder(prefer: str = "auto", probe_cpu: int = 0, probe_node: int | No
         lost.append("taskset not found either: each worker pins itself with sched_setaffinity "
                     "before importing the framework")
     return Binder("self", None, binds_memory=False, warnings=tuple(lost))
+
+
+ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libgoogle-perftools4"}  # Debian/Ubuntu
+
+
+def prepare_binding(plan: Plan, binder: str = "auto", allocator: str = "default",
+                    path: str | None = None) -> tuple[Binder, str | None]:
+    """The binder for a plan (probed on its first instance) and the allocator to preload.
+
+    Raises before any worker starts when the allocator asked for is not installed.
+    """
+    first = plan.instances[0]
+    found = detect_binder(binder, probe_cpu=first.cpus[0],
+                          probe_node=first.memory_nodes[0] if first.memory_nodes else None, path=path)
+    preload = find_allocator(allocator)
+    if allocator != "default" and preload is None:
+        raise NumabenchError(f"--allocator {allocator}: library not found; install it (Debian/Ubuntu: "
+                             f"apt-get install {ALLOCATOR_PACKAGES[allocator]}) or use --allocator default")
+    return found, preload
 
 
 def bind_prefix(binder: Binder, inst: InstancePlan) -> list[str]:

@@ -173,16 +173,9 @@ class _Run:
 
     def prepare(self) -> None:
         """Probe binding, allocator and governors: refusals come before any process starts."""
-        first = self.plan.instances[0]
-        self.binder = binding.detect_binder(
-            self.opts.binder, probe_cpu=first.cpus[0],
-            probe_node=first.memory_nodes[0] if first.memory_nodes else None, path=self.opts.path)
+        self.binder, self.preload = binding.prepare_binding(
+            self.plan, self.opts.binder, self.opts.allocator, self.opts.path)
         self.warnings.extend(self.binder.warnings)
-        self.preload = binding.find_allocator(self.opts.allocator)
-        if self.opts.allocator != "default" and self.preload is None:
-            package = {"jemalloc": "libjemalloc2", "tcmalloc": "libgoogle-perftools4"}[self.opts.allocator]
-            raise NumabenchError(f"--allocator {self.opts.allocator}: library not found; install it "
-                                 f"(Debian/Ubuntu: apt-get install {package}) or use --allocator default")
         self.governors = binding.cpu_governors(self.plan.cpus)
         slow = sorted({g for g in self.governors.values() if g != "performance"})
         if slow:
