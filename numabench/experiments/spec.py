@@ -156,15 +156,7 @@ class _ExperimentReader(_Reader):
         from numabench.workers.backends import BACKENDS, PRECISIONS, check_options
         from numabench.workers.models import resolve_model
 
-        if root is None:
-            raise ExperimentError("the experiment is empty", where=self.name)
-        doc = self.mapping(root, "", ALL_KEYS)
-        if "version" not in doc:
-            raise self.fail("", f"missing 'version' (this numabench reads version {EXPERIMENT_VERSION})")
-        version = self.integer(doc["version"], "version")
-        if version != EXPERIMENT_VERSION:
-            raise self.fail("version", f"unsupported experiment version {version}; this numabench "
-                                       f"reads version {EXPERIMENT_VERSION}")
+        doc = self.document(root, ALL_KEYS, EXPERIMENT_VERSION, "experiment")
         if "kind" not in doc:
             raise self.fail("", f"missing 'kind' (one of {', '.join(KINDS)})")
         kind = self.choice(doc["kind"], "kind", KINDS, "kind")
@@ -173,7 +165,7 @@ class _ExperimentReader(_Reader):
             if key not in allowed:
                 raise self.fail(key, f"{key!r} does not apply to kind {kind} ({KIND_HELP[kind]})")
 
-        out: dict[str, Any] = {"kind": kind, "version": version}
+        out: dict[str, Any] = {"kind": kind, "version": EXPERIMENT_VERSION}
         out["name"] = self.text(doc["name"], "name") if "name" in doc else default_name
         if "description" in doc:
             out["description"] = self.string(doc["description"], "description")

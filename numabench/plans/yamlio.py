@@ -103,6 +103,19 @@ class _Reader:
 
     # -- structure ---------------------------------------------------------------------------
 
+    def document(self, root, known: tuple[str, ...], version: int, what: str) -> dict[str, Any]:
+        """The top-level mapping of a versioned document (a plan, an experiment), version checked."""
+        if root is None:
+            raise self.fail("", f"the {what} is empty")
+        doc = self.mapping(root, "", known)
+        if "version" not in doc:
+            raise self.fail("", f"missing 'version' (this numabench reads version {version})")
+        found = self.integer(doc["version"], "version")
+        if found != version:
+            raise self.fail("version", f"unsupported {what} version {found}; this numabench reads "
+                                       f"version {version}")
+        return doc
+
     def mapping(self, node, path: str, known: tuple[str, ...]) -> dict[str, Any]:
         """The entries of a mapping node, by key, each still a node; unknown keys refused."""
         if not isinstance(node, yaml.MappingNode):
@@ -179,15 +192,7 @@ class _Reader:
     # -- documents ---------------------------------------------------------------------------
 
     def plan(self, root) -> Plan:
-        if root is None:
-            raise PlanError("the plan is empty", where=self.name)
-        doc = self.mapping(root, "", PLAN_KEYS)
-        if "version" not in doc:
-            raise self.fail("", f"missing 'version' (this numabench writes version {PLAN_VERSION})")
-        version = self.integer(doc["version"], "version")
-        if version != PLAN_VERSION:
-            raise self.fail("version", f"unsupported plan version {version}; this numabench reads "
-                                       f"version {PLAN_VERSION}")
+        doc = self.document(root, PLAN_KEYS, PLAN_VERSION, "plan")
         if "instances" not in doc:
             raise self.fail("", "missing 'instances' (a list, one entry per instance)")
         seq = doc["instances"]
@@ -210,7 +215,7 @@ class _Reader:
             smt=self.boolean(doc["smt"], "smt") if "smt" in doc else False,
             name=self.string(doc["name"], "name") if "name" in doc else None,
             description=self.string(doc["description"], "description") if "description" in doc else None,
-            version=version,
+            version=PLAN_VERSION,
             source=PlanSource(self.name, tuple(self.lines.items())),
         )
 
