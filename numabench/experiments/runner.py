@@ -18,9 +18,10 @@ import datetime as _dt
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
