@@ -30,6 +30,15 @@ root_option = click.option(
     help="Read the machine from this filesystem root (a captured sysfs tree) instead of the live system.")
 
 
+# Shared by launch, serve and sweep: how workers are bound and which allocator they preload.
+binder_option = click.option(
+    "--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto", show_default=True,
+    help="auto: numactl (CPUs and memory), else taskset, else the worker pins itself.")
+allocator_option = click.option(
+    "--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
+    show_default=True, help="Preload an allocator library in every worker (recorded in the results).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="numabench")
 def cli():
@@ -212,9 +221,8 @@ def plan_validate(ctx, plan_file, root):
                    "or ~/.cache/numabench/onnx).")
 @click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]),
               help="onnxruntime: graph optimization level (default all).")
-@click.option("--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto", show_default=True)
-@click.option("--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
-              show_default=True, help="Preload an allocator library (recorded in the results).")
+@binder_option
+@allocator_option
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for logs and results (default runs/<time>-<pid>).")
@@ -304,10 +312,8 @@ endpoint_option = click.option(
               help="Warm-up runs per pool shape, per instance.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--compute-us", type=float, help="noop backend: fixed compute time per request, in microseconds.")
-@click.option("--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto",
-              show_default=True)
-@click.option("--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
-              show_default=True)
+@binder_option
+@allocator_option
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for the instance logs (default runs/serve-<time>-<pid>).")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on 127.0.0.1:PORT (off by default).")
@@ -437,9 +443,8 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @click.option("--resume", is_flag=True,
               help="Continue a sweep in this folder: skip finished points, rerun failed ones.")
 @click.option("--dry-run", is_flag=True, help="Validate every point against this machine and list them; run nothing.")
-@click.option("--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto", show_default=True)
-@click.option("--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
-              show_default=True, help="Preload an allocator library in every run.")
+@binder_option
+@allocator_option
 @user_errors
 def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
