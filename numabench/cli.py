@@ -83,6 +83,23 @@ def _list_option(value, what):
         raise click.BadParameter(f"{value!r} is not a {what} list like 0-3,8") from None
 
 
+def planner_options(f):
+    """The planner's restrictions and presets, shared by `plan` and `launch`."""
+    for option in reversed((
+        click.option("--nodes", help="Use only these NUMA nodes, e.g. 0 or 0,1."),
+        click.option("--cpus", help="Use only these CPUs, e.g. 0-23,48-71."),
+        click.option("--core-kind", type=click.Choice(["performance", "efficiency", "uniform", "any"]),
+                     help="Hybrid CPUs: which cores (default: the fastest kind present; any = mix)."),
+        click.option("--leftover", type=click.Choice(["idle", "spread"]),
+                     help="Cores left over by equal groups: keep idle (default) or spread one by one "
+                          "over the first groups of their node."),
+        click.option("--preset", help="per-socket, per-node, latency, throughput, smart-dispatch, or a "
+                                      "preset YAML file (docs/plans.md)."),
+    )):
+        f = option(f)
+    return f
+
+
 @cli.group("plan", invoke_without_command=True, subcommand_metavar="[show PLAN | validate PLAN]")
 @click.option("--instances", "-n", type=int, help="Number of instances (equal groups of cores).")
 @click.option("--cores-per-instance", "-c", type=int,
@@ -90,15 +107,7 @@ def _list_option(value, what):
 @click.option("--batch", "-b", type=int,
               help="Global batch, split evenly, larger shares first (default: 1 per instance).")
 @click.option("--smt", is_flag=True, help="Give each instance its cores' SMT siblings too.")
-@click.option("--nodes", help="Use only these NUMA nodes, e.g. 0 or 0,1.")
-@click.option("--cpus", help="Use only these CPUs, e.g. 0-23,48-71.")
-@click.option("--core-kind", type=click.Choice(["performance", "efficiency", "uniform", "any"]),
-              help="Hybrid CPUs: which cores (default: the fastest kind present; any = mix).")
-@click.option("--leftover", type=click.Choice(["idle", "spread"]),
-              help="Cores left over by equal groups: keep idle (default) or spread one by one "
-                   "over the first groups of their node.")
-@click.option("--preset", help="per-socket, per-node, latency, throughput, smart-dispatch, or a "
-                               "preset YAML file (docs/plans.md).")
+@planner_options
 @root_option
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write the plan here instead of printing it.")
@@ -195,7 +204,9 @@ def plan_validate(ctx, plan_file, root):
 @cli.command("launch")
 @click.option("--instances", "-n", type=int, help="Number of instances (default: 1, or the plan's).")
 @click.option("--cores-per-instance", "-c", type=int, help="Physical cores per instance (derives --instances).")
-@click.option("--batch", "-b", type=int, help="Global batch, split over the instances (default 8, or the plan's).")
+@click.option("--batch", "-b", type=int,
+              help="Global batch, split over the instances (default: the plan's, else 8 rounded up to a "
+                   "multiple of the instance count).")
 @click.option("--seq", "-s", type=int, default=128, show_default=True, help="Sequence length in tokens.")
 @click.option("--model", "-m", default="bert-base-cased", show_default=True,
               help="Built-in config (random weights), minilm, a local folder or a hub id.")
@@ -204,6 +215,7 @@ def plan_validate(ctx, plan_file, root):
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Use this YAML plan instead of planning.")
 @click.option("--smt", is_flag=True, help="Give each instance its cores' SMT siblings too.")
+@planner_options
 @click.option("--iterations", "-i", type=int,
               help="Steps (split) or requests per instance (throughput); default 20.")
 @click.option("--duration", "-d", type=float, help="Measure for this many seconds instead of --iterations.")
@@ -230,15 +242,17 @@ def plan_validate(ctx, plan_file, root):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @user_errors
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
-               iterations, duration, warmup, mode, text_file, seed, compute_us, binder, allocator,
-               transport, run_dir, output, as_json, cache_dir, ort_opt_level):
+               nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
+               seed, compute_us, binder, allocator, transport, run_dir, output, as_json, cache_dir,
+               ort_opt_level):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
     Examples:
       numabench launch --instances 2 --batch 2
       numabench launch -n 4 -b 8 --seq 384 --model bert-base-cased -o results.json
-      numabench launch --plan plans/article-4x12.yaml --mode throughput --duration 30
+      numabench launch --preset per-node --mode throughput --duration 30
+      numabench launch --plan plan.yaml --mode throughput --duration 30
     """
     from pathlib import Path
 
@@ -248,7 +262,9 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
 
     machine = read_machine("/")
     plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
-                           cores_per_instance=cores_per_instance, batch=batch, smt=smt)
+                           cores_per_instance=cores_per_instance, batch=batch, smt=smt, preset=preset,
+                           nodes=_list_option(nodes, "node"), cpus=_list_option(cpus, "CPU"),
+                           core_kind=core_kind, leftover=leftover)
     options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
     if (cache_dir or ort_opt_level) and backend != "onnxruntime":
         raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")

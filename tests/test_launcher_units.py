@@ -146,3 +146,54 @@ def test_progress_stays_silent_when_not_a_terminal():
     p.update("loading 1/2", force=True)
     p.done()
     assert "loading 1/2" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[2K")
+
+
+def test_plan_for_launch_presets_restrictions_and_default_batch(tmp_path):
+    from test_plans_support import article_machine
+
+    from numabench.errors import NumabenchError
+    from numabench.launcher.launch import plan_for_launch
+    from numabench.plans import dump_plan
+
+    m = article_machine()  # 2 sockets x 24 cores, SMT, one node per socket
+    base = plan_for_launch(m)  # the baseline: one instance on every physical core
+    assert len(base.instances) == 1 and len(base.instances[0].cpus) == 48 and base.batch == 8
+    per_node = plan_for_launch(m, preset="per-node")
+    assert [i.memory_nodes for i in per_node.instances] == [(0,), (1,)]
+    assert [i.batch for i in per_node.instances] == [4, 4]
+    # throughput preset: 48 one-core instances; the default batch rises to one sample each
+    tp = plan_for_launch(m, preset="throughput")
+    assert len(tp.instances) == 48 and tp.batch == 48
+    # 3 instances: 8 rounded up to a multiple of 3, equal shares
+    three = plan_for_launch(m, instances=3)
+    assert three.batch == 9 and {i.batch for i in three.instances} == {3}
+    assert plan_for_launch(m, instances=3, batch=8).batch == 8
+    one_node = plan_for_launch(m, preset="latency", nodes=(1,))
+    assert len(one_node.instances) == 6 and all(i.memory_nodes == (1,) for i in one_node.instances)
+    plan_file = tmp_path / "p.yaml"
+    plan_file.write_text(dump_plan(per_node))
+    with pytest.raises(NumabenchError, match="--preset, --nodes|--nodes, --preset"):
+        plan_for_launch(m, plan_file=str(plan_file), preset="latency", nodes=(0,))
+    assert plan_for_launch(m, plan_file=str(plan_file)) == per_node
+
+
+def test_sending_to_a_killed_worker_names_how_it_died(tmp_path):
+    import json
+    import signal
+
+    from numabench.launcher.coordinator import Coordinator, WorkerFailed
+    from numabench.workers import protocol
+
+    with ProcessGroup(tmp_path) as group, Coordinator(group) as coord:
+        cfg = {"instance": 0, "endpoint": coord.endpoint, "backend": "noop", "model": "bert-tiny", "timeout_s": 30}
+        proc = group.start(0, [sys.executable, "-m", "numabench.workers", "--config", json.dumps(cfg)],
+                           dict(os.environ))
+        coord.wait_for(protocol.READY, {0}, timeout_s=60)
+        proc.send_signal(signal.SIGKILL)
+        with pytest.raises(WorkerFailed) as failed:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until ZeroMQ has dropped the route
+                coord.send(0, protocol.RUN, {"req": 1})
+                time.sleep(0.05)
+        assert failed.value.instance == 0
+        assert "instance 0 killed by SIGKILL" in str(failed.value) and "last lines of" in str(failed.value)

@@ -6,6 +6,7 @@ silence, so a `kill -9` surfaces within a fraction of a second.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import time
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import zmq
 
 from numabench.errors import LaunchError
-from numabench.launcher.procs import ProcessGroup
+from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.workers import protocol
 
 POLL_SLICE_MS = 50
@@ -72,7 +73,14 @@ class Coordinator:
             # copy=True: for the small frames of a shard, copying beats zero-copy bookkeeping.
             self.sock.send_multipart([protocol.identity(instance)] + frames)
         except zmq.ZMQError as e:
-            raise WorkerFailed(instance, f"instance {instance} cannot be reached ({e})") from None
+            # Usually the worker has just died: name how, with its log, rather than the socket error.
+            proc = self.group.procs.get(instance)
+            try:
+                code = proc.wait(timeout=1.0) if proc is not None else None
+            except subprocess.TimeoutExpired:
+                code = None
+            what = Exited(instance, code).describe() if code is not None else f"cannot be reached ({e})"
+            raise WorkerFailed(instance, self._failure_text(instance, what)) from None
 
     # --- receiving -------------------------------------------------------------------------
 
