@@ -17,7 +17,7 @@ import yaml
 
 from numabench.errors import NumabenchError, PlanError
 from numabench.plans.model import PlanSource
-from numabench.plans.yamlio import _describe, _Reader, _type_name
+from numabench.plans.yamlio import _describe, _Reader, _type_name, compose
 
 EXPERIMENT_VERSION = 1
 KINDS = ("core-scaling", "batch-scaling", "smt", "grid")
@@ -95,13 +95,7 @@ def load_experiment(source: str | os.PathLike, *, name: str | None = None) -> Ex
 
 
 def parse_experiment(text: str, *, name: str = "<string>", default_name: str = "experiment") -> Experiment:
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{name}:{mark.line + 1}" if mark else name
-        raise ExperimentError(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
-    return _ExperimentReader(name).experiment(root, default_name)
+    return _ExperimentReader(name).experiment(compose(text, name, ExperimentError), default_name)
 
 
 class _ExperimentReader(_Reader):

@@ -190,9 +190,7 @@ class _Run:
         from numabench.workers.models import resolve_model
 
         w = self.workload
-        if w.backend != "onnxruntime":
-            return
-        self.progress.update(f"preparing the {w.backend} model", force=True)
+        self.progress.update(f"preparing the {w.backend} backend", force=True)
         self.prepared = prepare_backend(w.backend, resolve_model(w.model), w.precision,
                                         w.backend_options, seed=w.seed, log=self.log)
         if self.prepared is not None:
@@ -322,7 +320,8 @@ class _Run:
                 done[iid] += 1
                 if more(done[iid]):
                     send(iid, done[iid])
-                self.progress.update(f"measuring: {sum(done.values())} requests")
+                if self.progress.enabled:  # the hot path: no formatting when nobody sees it
+                    self.progress.update(f"measuring: {sum(done.values())} requests")
         self.progress.done()
 
     # --- record --------------------------------------------------------------------------

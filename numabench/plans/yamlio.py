@@ -46,14 +46,17 @@ def load_plan(source: str | os.PathLike, *, name: str | None = None) -> Plan:
         name = name or str(path)
     else:
         text, name = str(source), name or "<string>"
-    reader = _Reader(name)
+    return _Reader(name).plan(compose(text, name))
+
+
+def compose(text: str, name: str, error: type[PlanError] = PlanError):
+    """The YAML node tree of `text` (nodes keep their lines); invalid YAML raises `error` at its line."""
     try:
-        root = yaml.compose(text)
+        return yaml.compose(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
-        raise PlanError(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
-    return reader.plan(root)
+        raise error(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
 
 
 def dump_plan(plan: Plan) -> str:
