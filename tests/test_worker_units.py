@@ -223,3 +223,17 @@ def test_read_mempolicy_here():
     policy = worker.read_mempolicy()
     assert policy["mode"] in set(worker.MPOL_MODES.values()) | {"unknown"}
     assert isinstance(policy["nodes"], list)
+
+
+def test_worker_config_round_trips_through_json():
+    import json
+
+    from numabench.launcher import spawn
+    from numabench.plans.model import InstancePlan
+
+    inst = InstancePlan(id=3, cpus=(4, 5), memory_nodes=(1,), threads=2, batch=4)
+    cfg = spawn.worker_config(inst, endpoint="ipc:///tmp/x", model="bert-tiny", backend="noop",
+                              precision="fp32", seed=10, pin_self=True, timeout_s=5.0,
+                              warmup_shapes=[(4, 32)], warmup_iterations=2, options={"compute_ns": 1})
+    assert cfg.seed == 13 and cfg.cpus == (4, 5) and cfg.threads == 2
+    assert worker.WorkerConfig.from_dict(json.loads(cfg.to_json())) == cfg

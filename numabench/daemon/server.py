@@ -14,13 +14,11 @@ dies `degraded_after` times within `restart_window_s` marks its pool degraded; a
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,13 +31,13 @@ import zmq
 from numabench.daemon import endpoints, wire
 from numabench.daemon.pools import PoolSpec, build_pools, least_loaded, route
 from numabench.errors import NumabenchError
-from numabench.launcher import binding
+from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
-from numabench.launcher.launch import Workload, worker_config
 from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
 from numabench.results import PERCENTILE_MIN_SAMPLES, percentile
 from numabench.workers import protocol
+from numabench.workers.config import WorkerConfig
 
 log = logging.getLogger("numabench.serve")
 
@@ -120,7 +118,7 @@ class Dispatch:
 class Instance:
     plan: InstancePlan
     pool: str
-    config: dict[str, Any]
+    config: WorkerConfig
     state: str = STARTING
     pid: int | None = None
     inflight: Dispatch | None = None
@@ -198,17 +196,15 @@ class Daemon:
 
     # --- setup -----------------------------------------------------------------------------
 
-    def _workload(self) -> Workload:
-        o = self.opts
-        return Workload(model=o.model, backend=o.backend, precision=o.precision, warmup=o.warmup,
-                        seed=o.seed, backend_options=dict(o.backend_options))
-
     def _make_instance(self, inst: InstancePlan, pool: PoolSpec) -> Instance:
-        cfg = worker_config(inst, self._workload(), self.coord.endpoint, self.binder.name == "self",
-                            WORKER_IDLE_TIMEOUT_S, self.extra_options)
-        batches = sorted({1, self.opts.max_batch})
-        cfg["warmup"] = {"shapes": [[b, s] for s in pool.shapes for b in batches],
-                         "iterations": self.opts.warmup}
+        o = self.opts
+        batches = sorted({1, o.max_batch})
+        cfg = spawn.worker_config(
+            inst, endpoint=self.coord.endpoint, model=o.model, backend=o.backend,
+            precision=o.precision, seed=o.seed, pin_self=self.binder.name == "self",
+            timeout_s=WORKER_IDLE_TIMEOUT_S,
+            warmup_shapes=[(b, s) for s in pool.shapes for b in batches], warmup_iterations=o.warmup,
+            options={**o.backend_options, **(self.extra_options or {})})
         return Instance(plan=inst, pool=pool.name, config=cfg)
 
     def _build(self, plan: Plan, specs: tuple[PoolSpec, ...]) -> dict[int, Instance]:
@@ -220,16 +216,13 @@ class Daemon:
         return out
 
     def _spawn(self, inst: Instance) -> None:
-        env, env_warn, _ = binding.worker_env(dict(os.environ), inst.plan, self.preload)
-        for w in env_warn:
+        started = spawn.start_instance(self.group, self.binder, inst.plan, inst.config, self.preload)
+        for w in started.warnings:
             log.warning("%s", w)
-        argv = binding.bind_prefix(self.binder, inst.plan) + [
-            sys.executable, "-m", "numabench.workers", "--config", json.dumps(inst.config)]
-        proc = self.group.start(inst.id, argv, env)
-        inst.pid = proc.pid
+        inst.pid = started.pid
         inst.state = STARTING
         inst.started_at = time.monotonic()
-        log.info("instance %d: started pid %d (cpus %s, pool %s)", inst.id, proc.pid,
+        log.info("instance %d: started pid %d (cpus %s, pool %s)", inst.id, started.pid,
                  list(inst.plan.cpus), inst.pool)
 
     def _check_existing(self, endpoint: str) -> bool:

@@ -8,7 +8,6 @@ still writes what was measured, marked as failed.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import signal
@@ -24,7 +23,7 @@ import numpy as np
 
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
-from numabench.launcher import binding
+from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
@@ -126,24 +125,6 @@ def read_texts(path: str) -> list[str]:
         raise NumabenchError(f"--text {path}: {e.strerror}") from None
 
 
-def worker_config(inst, workload: Workload, endpoint: str, pin_self: bool,
-                  timeout_s: float, extra_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "instance": inst.id,
-        "endpoint": endpoint,
-        "backend": workload.backend,
-        "model": workload.model,
-        "precision": workload.precision,
-        "threads": inst.threads,
-        "cpus": list(inst.cpus),
-        "pin_self": pin_self,
-        "warmup": {"shapes": [[inst.batch, workload.seq]], "iterations": workload.warmup},
-        "seed": workload.seed + inst.id,
-        "options": {**workload.backend_options, **(extra_options or {})},
-        "timeout_s": timeout_s,
-    }
-
-
 def default_run_dir() -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{os.getpid()}"
@@ -198,18 +179,19 @@ class _Run:
 
     def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
         binder, preload, governors = self.binder, self.preload, self.governors
-        worker_timeout = self.opts.ready_timeout_s + self.opts.request_timeout_s
+        w = self.workload
         applied_env: dict[int, dict[str, str]] = {}
         for inst in self.plan.instances:
-            env, env_warn, applied = binding.worker_env(dict(os.environ), inst, preload)
-            self.warnings.extend(env_warn)
-            applied_env[inst.id] = applied
-            cfg = worker_config(inst, self.workload, coord.endpoint, binder.name == "self", worker_timeout,
-                                self.prepared.options if self.prepared else None)
-            argv = binding.bind_prefix(binder, inst) + [
-                sys.executable, "-m", "numabench.workers", "--config", json.dumps(cfg)]
-            proc = group.start(inst.id, argv, env)
-            self.log(f"instance {inst.id}: pid {proc.pid}, cpus {list(inst.cpus)}, "
+            cfg = spawn.worker_config(
+                inst, endpoint=coord.endpoint, model=w.model, backend=w.backend,
+                precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
+                timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
+                warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
+                options={**w.backend_options, **(self.prepared.options if self.prepared else {})})
+            started = spawn.start_instance(group, binder, inst, cfg, preload)
+            self.warnings.extend(started.warnings)
+            applied_env[inst.id] = dict(started.variables_set)
+            self.log(f"instance {inst.id}: pid {started.pid}, cpus {list(inst.cpus)}, "
                      f"memory nodes {list(inst.memory_nodes)}, {inst.threads} threads, binder {binder.name}")
         self.env_info = {
             "binder": binder.name, "binds_memory": binder.binds_memory,

@@ -22,10 +22,9 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from numabench.errors import NumabenchError
+from numabench.workers.config import ConfigError, WarmupSpec, WorkerConfig, _is_int  # noqa: F401  (re-exported)
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -42,109 +41,8 @@ POLL_SLICE_MS = 1000  # how often an idle worker checks that its parent is still
 log = logging.getLogger("numabench.worker")
 
 
-class ConfigError(NumabenchError):
-    """The worker's --config is invalid."""
-
-
 class RequestError(Exception):
     """A RUN request the worker cannot serve; answered with a non-fatal ERROR."""
-
-
-# ---- configuration ----
-
-@dataclass(frozen=True)
-class WarmupSpec:
-    shapes: tuple[tuple[int, int], ...] = ()
-    iterations: int = 1
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    instance: int
-    endpoint: str
-    model: str
-    backend: str = "pytorch"
-    precision: str = "fp32"
-    threads: int = 1
-    cpus: tuple[int, ...] | None = None
-    pin_self: bool = False
-    warmup: WarmupSpec = WarmupSpec()
-    seed: int = 0
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    timeout_s: float = 600.0
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> WorkerConfig:
-        """Validate a decoded --config. Unknown keys are logged, not refused (newer launchers)."""
-        from numabench.workers.backends import check_backend
-
-        if not isinstance(raw, dict):
-            raise ConfigError("config must be a JSON object")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            log.warning("ignoring unknown config keys: %s", ", ".join(unknown))
-        for key in ("instance", "endpoint", "model"):
-            if key not in raw:
-                raise ConfigError(f"config has no {key!r}")
-        instance = _int(raw, "instance", minimum=0)
-        endpoint = raw["endpoint"]
-        if not isinstance(endpoint, str) or "://" not in endpoint:
-            raise ConfigError(f"endpoint must be a ZeroMQ endpoint like ipc:///path, got {endpoint!r}")
-        model = raw["model"]
-        if not isinstance(model, str) or not model:
-            raise ConfigError(f"model must be a non-empty string, got {model!r}")
-        backend = raw.get("backend", cls.backend)
-        precision = raw.get("precision", cls.precision)
-        options = raw.get("options") or {}
-        try:
-            check_backend(backend, precision, options)
-        except NumabenchError as e:
-            raise ConfigError(str(e)) from None
-        cpus = raw.get("cpus")
-        if cpus is not None:
-            if not isinstance(cpus, list) or not cpus or not all(_is_int(c) and c >= 0 for c in cpus):
-                raise ConfigError(f"cpus must be a non-empty list of CPU numbers or null, got {cpus!r}")
-            cpus = tuple(sorted(set(cpus)))
-        pin_self = raw.get("pin_self", False)
-        if not isinstance(pin_self, bool):
-            raise ConfigError(f"pin_self must be true or false, got {pin_self!r}")
-        if pin_self and cpus is None:
-            raise ConfigError("pin_self needs cpus")
-        timeout_s = raw.get("timeout_s", cls.timeout_s)
-        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be a positive number, got {timeout_s!r}")
-        return cls(
-            instance=instance, endpoint=endpoint, model=model, backend=backend,
-            precision=precision, threads=_int(raw, "threads", minimum=1, default=1), cpus=cpus,
-            pin_self=pin_self, warmup=_warmup(raw.get("warmup")),
-            seed=_int(raw, "seed", minimum=0, default=0), options=dict(options),
-            timeout_s=float(timeout_s))
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(raw: Mapping[str, Any], key: str, minimum: int, default: int | None = None) -> int:
-    value = raw.get(key, default)
-    if not _is_int(value) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _warmup(raw: Any) -> WarmupSpec:
-    if raw is None:
-        return WarmupSpec()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"warmup must be an object {{shapes, iterations}}, got {raw!r}")
-    shapes = raw.get("shapes", [])
-    if not isinstance(shapes, list) or not all(
-            isinstance(s, list) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s)
-            for s in shapes):
-        raise ConfigError(f"warmup.shapes must be a list of [batch, seq] pairs, got {shapes!r}")
-    return WarmupSpec(shapes=tuple((b, s) for b, s in shapes),
-                      iterations=_int(raw, "iterations", minimum=0, default=1))
 
 
 # ---- process setup (standard library only: runs before numpy / zmq / the framework) ----
