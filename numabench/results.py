@@ -9,9 +9,10 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
+
+from numabench.fileio import write_json_atomic  # noqa: F401  (the one atomic writer; re-exported)
 
 RESULTS_SCHEMA = "numabench.results"
 RESULTS_VERSION = 1
@@ -172,23 +173,6 @@ def samples_to_columns(samples: list[Sample]) -> dict[str, list[int]]:
 def samples_from_columns(cols: dict[str, list[int]]) -> list[Sample]:
     n = len(cols["instance"])
     return [Sample(*(int(cols[c][i]) for c in SAMPLE_COLUMNS)) for i in range(n)]
-
-
-def write_json_atomic(path: str | os.PathLike, doc: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a results file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import yaml
 
 from numabench.errors import NumabenchError, PlanError
 from numabench.plans.model import PlanSource
-from numabench.plans.yamlio import _describe, _Reader, _type_name, compose
+from numabench.plans.yamlio import YamlReader, compose, describe_node, read_yaml_file, type_name
 
 EXPERIMENT_VERSION = 1
 KINDS = ("core-scaling", "batch-scaling", "smt", "grid")
@@ -86,10 +86,7 @@ def load_experiment(source: str | os.PathLike, *, name: str | None = None) -> Ex
     """Read an experiment from a file path or YAML text (a str with a newline is text)."""
     if isinstance(source, os.PathLike) or "\n" not in str(source):
         path = Path(source)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ExperimentError(f"cannot read experiment: {e.strerror}", where=str(path)) from None
+        text = read_yaml_file(path, "experiment", ExperimentError)
         return parse_experiment(text, name=name or str(path), default_name=path.stem)
     return parse_experiment(str(source), name=name or "<string>", default_name="experiment")
 
@@ -98,7 +95,7 @@ def parse_experiment(text: str, *, name: str = "<string>", default_name: str = "
     return _ExperimentReader(name).experiment(compose(text, name, ExperimentError), default_name)
 
 
-class _ExperimentReader(_Reader):
+class _ExperimentReader(YamlReader):
     def fail(self, path: str, message: str) -> ExperimentError:
         return ExperimentError(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
 
@@ -126,7 +123,7 @@ class _ExperimentReader(_Reader):
                 values.append(value)
             return tuple(values)
         if isinstance(node, yaml.MappingNode):
-            raise self.fail(path, f"expected a value or a list of values, got {_describe(node)}")
+            raise self.fail(path, f"expected a value or a list of values, got {describe_node(node)}")
         return (read(node, path),)
 
     def positive(self, node, path: str) -> int:
@@ -141,7 +138,7 @@ class _ExperimentReader(_Reader):
     def number(self, node, path: str) -> float:
         value = self.scalar(node, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(path, f"expected a number of seconds, got {value!r} ({_type_name(value)})")
+            raise self.fail(path, f"expected a number of seconds, got {value!r} ({type_name(value)})")
         if value <= 0:
             raise self.fail(path, f"must be positive, not {value}")
         return float(value)
@@ -209,7 +206,7 @@ class _ExperimentReader(_Reader):
             node = doc["backend_options"]
             if not isinstance(node, yaml.MappingNode):
                 raise self.fail("backend_options", f"expected a mapping like {{compute_ns: 1000}}, "
-                                                   f"got {_describe(node)}")
+                                                   f"got {describe_node(node)}")
             options = {}
             for key_node, value_node in node.value:
                 key = str(key_node.value)

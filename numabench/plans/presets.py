@@ -18,7 +18,7 @@ import yaml
 
 from numabench.errors import PlanError
 from numabench.plans.planner import DispatchTier, PlanRequest
-from numabench.plans.yamlio import _is_path, _Reader
+from numabench.plans.yamlio import YamlReader, compose, is_path, read_yaml_file
 
 BUILTIN_PRESETS: dict[str, str] = {
     "per-socket": """
@@ -61,19 +61,17 @@ def load_preset(name_or_path: str | os.PathLike) -> PlanRequest:
     key = str(name_or_path)
     if key in BUILTIN_PRESETS:
         return parse_preset(BUILTIN_PRESETS[key], name=f"<preset {key}>")
-    if _is_path(name_or_path) and os.path.exists(key):
-        with open(key) as f:
-            return parse_preset(f.read(), name=key)
+    if is_path(name_or_path) or os.path.exists(key):
+        return parse_preset(read_yaml_file(key, "preset"), name=key)
     raise PlanError(f"unknown preset {key!r}: use one of {', '.join(BUILTIN_PRESETS)} "
                     "or a preset YAML file")
 
 
 def parse_preset(text: str, *, name: str = "<preset>") -> PlanRequest:
-    r = _Reader(name)
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise PlanError(f"not valid YAML: {e}", where=name) from None
+    r = YamlReader(name)
+    root = compose(text, name)
+    if root is None:
+        raise PlanError("the preset is empty", where=name)
     d = r.mapping(root, "", PRESET_KEYS)
     req = PlanRequest(
         name=r.string(d["name"], "name") if "name" in d else None,
@@ -91,7 +89,7 @@ def parse_preset(text: str, *, name: str = "<preset>") -> PlanRequest:
     return req
 
 
-def _tiers(r: _Reader, node) -> tuple[DispatchTier, ...]:
+def _tiers(r: YamlReader, node) -> tuple[DispatchTier, ...]:
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         raise r.fail("tiers", "expected a non-empty list of tiers")
     tiers = []

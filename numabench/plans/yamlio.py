@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from numabench.errors import PlanError
+from numabench.fileio import FileReadError, read_text
 from numabench.plans.model import (
     PLAN_VERSION,
     InstancePlan,
@@ -37,16 +38,21 @@ def load_plan(source: str | os.PathLike, *, name: str | None = None) -> Plan:
     A Path, or a one-line string ending in .yaml/.yml or naming an existing file, is read as a
     file; any other string is YAML text. `name` overrides how errors name the document.
     """
-    if _is_path(source):
+    if is_path(source):
         path = Path(source)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise PlanError(f"cannot read plan: {e.strerror}", where=str(path)) from None
+        text = read_yaml_file(path, "plan")
         name = name or str(path)
     else:
         text, name = str(source), name or "<string>"
-    return _Reader(name).plan(compose(text, name))
+    return YamlReader(name).plan(compose(text, name))
+
+
+def read_yaml_file(path: str | os.PathLike, what: str, error: type[PlanError] = PlanError) -> str:
+    """The text of a plan, preset or experiment file; any read failure is `error` naming it."""
+    try:
+        return read_text(path, what, allow_empty=False)
+    except FileReadError as e:
+        raise error(str(e)) from None
 
 
 def compose(text: str, name: str, error: type[PlanError] = PlanError):
@@ -57,6 +63,8 @@ def compose(text: str, name: str, error: type[PlanError] = PlanError):
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name
         raise error(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
+    except RecursionError:  # thousands of nested brackets
+        raise error("not valid YAML: nested too deeply", where=name) from None
 
 
 def dump_plan(plan: Plan) -> str:
@@ -87,15 +95,18 @@ def _dump_instance(i: InstancePlan) -> dict[str, Any]:
     return out
 
 
-def _is_path(source) -> bool:
+def is_path(source) -> bool:
     if isinstance(source, os.PathLike):
         return True
     text = str(source)
     return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.isfile(text))
 
 
-class _Reader:
-    """Turns a composed YAML node tree into a Plan, recording each field's line."""
+class YamlReader:
+    """Reads a composed YAML node tree, recording each field's line so errors name it.
+
+    Public: presets (plans.presets) and experiments (experiments.spec) read their documents with
+    it; `document` reads the versioned head every numabench document starts with."""
 
     def __init__(self, name: str):
         self.name = name
@@ -122,7 +133,7 @@ class _Reader:
     def mapping(self, node, path: str, known: tuple[str, ...]) -> dict[str, Any]:
         """The entries of a mapping node, by key, each still a node; unknown keys refused."""
         if not isinstance(node, yaml.MappingNode):
-            raise self.fail(path, f"expected a mapping, got {_describe(node)}")
+            raise self.fail(path, f"expected a mapping, got {describe_node(node)}")
         entries: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
@@ -139,15 +150,19 @@ class _Reader:
 
     def scalar(self, node, path: str):
         if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(path, f"expected a single value, got {_describe(node)}")
-        return yaml.SafeLoader("").construct_object(node)
+            raise self.fail(path, f"expected a single value, got {describe_node(node)}")
+        try:
+            return yaml.SafeLoader("").construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:  # a bad !!tag value
+            raise self.fail(path, f"cannot read the value {node.value[:40]!r} "
+                                  f"({node.tag}): {str(e).splitlines()[0][:80]}") from None
 
     def integer(self, node, path: str, *, minimum: int | None = None, allow_none: bool = False):
         value = self.scalar(node, path)
         if value is None and allow_none:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(path, f"expected an integer, got {value!r} ({_type_name(value)})")
+            raise self.fail(path, f"expected an integer, got {value!r} ({type_name(value)})")
         if minimum is not None and value < minimum:
             raise self.fail(path, f"must be at least {minimum}, not {value}")
         return value
@@ -157,13 +172,13 @@ class _Reader:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.fail(path, f"expected a string, got {value!r} ({_type_name(value)})")
+            raise self.fail(path, f"expected a string, got {value!r} ({type_name(value)})")
         return value
 
     def boolean(self, node, path: str) -> bool:
         value = self.scalar(node, path)
         if not isinstance(value, bool):
-            raise self.fail(path, f"expected true or false, got {value!r} ({_type_name(value)})")
+            raise self.fail(path, f"expected true or false, got {value!r} ({type_name(value)})")
         return value
 
     def int_list(self, node, path: str, what: str) -> tuple[int, ...]:
@@ -190,7 +205,7 @@ class _Reader:
             except ValueError:
                 pass
         raise self.fail(path, f"expected a list of {what} numbers (like \"0-11,48-59\" or "
-                              f"[0, 1]), got {value!r} ({_type_name(value)})")
+                              f"[0, 1]), got {value!r} ({type_name(value)})")
 
     # -- documents ---------------------------------------------------------------------------
 
@@ -200,7 +215,7 @@ class _Reader:
             raise self.fail("", "missing 'instances' (a list, one entry per instance)")
         seq = doc["instances"]
         if not isinstance(seq, yaml.SequenceNode):
-            raise self.fail("instances", f"expected a list of instances, got {_describe(seq)}")
+            raise self.fail("instances", f"expected a list of instances, got {describe_node(seq)}")
         if not seq.value:
             raise self.fail("instances", "a plan needs at least one instance")
         instances = []
@@ -272,7 +287,7 @@ def _is_null(node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _describe(node) -> str:
+def describe_node(node) -> str:
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
@@ -280,6 +295,6 @@ def _describe(node) -> str:
     return repr(node.value)
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string",
             type(None): "null"}.get(type(value), type(value).__name__)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from numabench.errors import TopologyError
+from numabench.fileio import FileReadError, read_text
 from numabench.topology.cpulist import parse_cpulist
 
 
@@ -61,12 +62,12 @@ def parse_proc_cgroup(text: str) -> tuple[str | None, dict[str, str]]:
 
 def _read(root: Path, rel: str, warnings: list[str]) -> str | None:
     p = root / rel.lstrip("/")
-    try:
-        return p.read_text(errors="replace")
-    except FileNotFoundError:
+    if not p.exists():
         return None
-    except OSError as e:
-        warnings.append(f"{p}: cannot read ({e.strerror or e}); assuming no cgroup limit there")
+    try:
+        return read_text(p, "cgroup file", errors="replace")
+    except FileReadError as e:
+        warnings.append(f"{e}; assuming no cgroup limit there")
         return None
 
 
@@ -141,13 +142,21 @@ def read_cgroup_limits(root: Path, warnings: list[str]) -> CgroupLimits:
             v2_path = cpuset_text.strip()
 
     cpus = mems = quota = None
-    v1_cpuset = next((m for m in mounts if m.fstype == "cgroup" and "cpuset" in m.options), None)
+    # A v1 cpuset hierarchy; batch schedulers on HPC clusters often mount it with `noprefix`
+    # (files `cpus`, `mems`) or as the legacy `cpuset` filesystem, which has no prefix either.
+    v1_cpuset = next((m for m in mounts if (m.fstype == "cgroup" and "cpuset" in m.options)
+                      or m.fstype == "cpuset"), None)
+    if v1_cpuset is not None and "cpuset" not in v1:
+        cpuset_text = _read(root, "proc/self/cpuset", warnings)
+        if cpuset_text is not None and cpuset_text.strip():
+            v1 = {**v1, "cpuset": cpuset_text.strip()}
     v1_cpu = next((m for m in mounts if m.fstype == "cgroup" and "cpu" in m.options), None)
     v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
     if v1_cpuset is not None and "cpuset" in v1:
         dirs = _chain(v1_cpuset.point, v1["cpuset"])
-        cpus = _first_list(root, dirs, ("cpuset.effective_cpus", "cpuset.cpus"), warnings)
-        mems = _first_list(root, dirs, ("cpuset.effective_mems", "cpuset.mems"), warnings)
+        prefix = "" if v1_cpuset.fstype == "cpuset" or "noprefix" in v1_cpuset.options else "cpuset."
+        cpus = _first_list(root, dirs, (f"{prefix}effective_cpus", f"{prefix}cpus"), warnings)
+        mems = _first_list(root, dirs, (f"{prefix}effective_mems", f"{prefix}mems"), warnings)
     elif v2 is not None and v2_path is not None:
         dirs = _chain(v2.point, v2_path)
         cpus = _first_list(root, dirs, ("cpuset.cpus.effective",), warnings)

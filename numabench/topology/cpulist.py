@@ -5,9 +5,15 @@ import re
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+)/(\d+))?)?$")
 
+# The largest CPU count a Linux kernel can be built for (CONFIG_NR_CPUS tops out at 8192, x86
+# MAXSMP); no CPU or node number reaches it. Checked before a range is expanded, so a typo like
+# "0-99999999999" is refused at once instead of filling memory.
+MAX_CPUS = 8192
 
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """Parse a kernel cpulist ("0-3,8", "", "0-7:2/4") into sorted, unique CPU numbers.
+
+def parse_cpulist(text: str, limit: int = MAX_CPUS) -> tuple[int, ...]:
+    """Parse a kernel cpulist ("0-3,8", "", "0-7:2/4") into sorted, unique CPU numbers below
+    `limit`.
 
     Raises ValueError on anything else, so callers can name the file it came from.
     """
@@ -18,11 +24,16 @@ def parse_cpulist(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         m = _RANGE.match(part.strip())
         if not m:
-            raise ValueError(f"not a CPU list: {text!r}")
+            raise ValueError(f"not a CPU list: {text[:80]!r}")
+        if any(g is not None and len(g) > 9 for g in m.groups()):
+            raise ValueError(f"{part.strip()[:40]!r} is beyond the kernel's limit of {limit} CPUs")
         first = int(m.group(1))
         last = int(m.group(2)) if m.group(2) is not None else first
         if last < first:
             raise ValueError(f"descending range {part!r} in CPU list {text!r}")
+        if last >= limit:
+            raise ValueError(f"{last} in {part.strip()!r} is beyond the kernel's limit of "
+                             f"{limit} CPUs")
         if m.group(3) is not None:  # "a-b:used/group" form (kernel boot parameters)
             used, group = int(m.group(3)), int(m.group(4))
             if group == 0 or used > group:
@@ -55,6 +66,9 @@ def parse_cpumask(text: str) -> tuple[int, ...]:
     words = text.replace("\x00", "").strip().split(",")
     if not words or any(not _HEXWORD.match(w) for w in words):
         raise ValueError(f"not a CPU mask: {text.strip()!r}")
+    if len(words) * 32 > MAX_CPUS:
+        raise ValueError(f"CPU mask of {len(words) * 32} bits is beyond the kernel's limit of "
+                         f"{MAX_CPUS} CPUs")
     cpus: list[int] = []
     for position, word in enumerate(reversed(words)):
         value = int(word, 16)

@@ -8,6 +8,7 @@ label that restarts in every socket: a core is the (socket, core) pair, never Co
 from __future__ import annotations
 
 from numabench.errors import TopologyError
+from numabench.topology.cpulist import MAX_CPUS
 from numabench.topology.model import Core, Machine, Node, Package
 
 DEFAULT_COLUMNS = ("CPU", "CORE", "SOCKET", "NODE", "ONLINE")
@@ -25,10 +26,12 @@ def _number(value: str, column: str, lineno: int, where: str) -> int | None:
     value = value.strip()
     if value in ("", "-"):
         return None  # offline CPUs and missing NUMA show "-" or nothing
-    try:
-        return int(value)
-    except ValueError:
-        raise TopologyError(f"{where}:{lineno}: {column} {value!r} is not a number") from None
+    if not value.isascii() or not value.isdigit():  # int() would also take "1_0", "-1", "١"
+        raise TopologyError(f"{where}:{lineno}: {column} {value[:40]!r} is not a number")
+    if len(value) > 9 or int(value) >= MAX_CPUS:
+        raise TopologyError(f"{where}:{lineno}: {column} {value[:40]} is beyond the kernel's "
+                            f"limit of {MAX_CPUS} CPUs")
+    return int(value)
 
 
 def parse_lscpu(text: str, *, source: str = "lscpu") -> Machine:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from numabench.errors import TopologyError
+from numabench.fileio import FileReadError, read_text
 from numabench.topology import cgroup as cg
 from numabench.topology.cpulist import format_cpulist, parse_cpulist, parse_cpumask
 from numabench.topology.model import (
@@ -65,16 +66,16 @@ class _Tree:
     def read(self, rel: str, *, required: bool = False) -> str | None:
         """Text of a file; None if it is missing (or unreadable, with a warning)."""
         p = self.path(rel)
-        try:
-            return p.read_text(errors="replace")
-        except FileNotFoundError:
+        if not p.exists():
             if required:
-                raise TopologyError(f"{p}: missing") from None
+                raise TopologyError(f"{p}: missing")
             return None
-        except OSError as e:
+        try:  # odd bytes are replaced: the parsers then refuse them, naming the file
+            return read_text(p, "sysfs file", errors="replace")
+        except FileReadError as e:
             if required:
-                raise TopologyError(f"{p}: cannot read ({e.strerror or e})") from None
-            self.warnings.append(f"{p}: cannot read ({e.strerror or e}); ignored")
+                raise TopologyError(str(e)) from None
+            self.warnings.append(f"{e}; ignored")
             return None
 
     def cpus(self, rel: str, *, mask: bool = False, required: bool = False) -> tuple[int, ...] | None:
@@ -236,6 +237,17 @@ def _read_nodes(t: _Tree, online: tuple[int, ...]) -> list[Node]:
                 distances = ()
         nodes.append(Node(id=nid, cpus=tuple(c for c in cpus if c in onl),
                           memory_bytes=_meminfo_total(t, f"{base}/meminfo"), distances=distances))
+    # A CPU belongs to one node; a tree that says otherwise is broken, and guessing which node
+    # is right would silently lose the other one.
+    owner: dict[int, int] = {}
+    for node in nodes:
+        for cpu in node.cpus:
+            if cpu in owner:
+                raise TopologyError(
+                    f"{t.show(f'{NODE_DIR}/node{owner[cpu]}/cpulist')} and "
+                    f"{t.show(f'{NODE_DIR}/node{node.id}/cpulist')} both list CPU {cpu}: a CPU "
+                    f"belongs to one NUMA node (nodes {owner[cpu]} and {node.id})")
+            owner[cpu] = node.id
     return nodes
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
+from numabench.fileio import write_json_atomic
 from numabench.workers.backends import ORT_OPT_LEVELS as OPT_LEVELS
 
 CACHE_FORMAT = 1
@@ -213,12 +214,6 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # ---- checking an entry ----
@@ -440,7 +435,7 @@ def prepare_onnx(spec: Any, precision: str = "fp32", cache_dir: str | os.PathLik
             build_s = _quantize_int8(source, source_entry, entry)
             quantizations = 1
         sha = file_sha256(entry.model)
-        _write_json_atomic(entry.sidecar, {
+        write_json_atomic(entry.sidecar, sort_keys=True, doc={
             "format": CACHE_FORMAT, "key": key, "digest": digest, "file": entry.model.name,
             "sha256": sha, "bytes": entry.model.stat().st_size,
             "check_sha256": file_sha256(entry.check),
