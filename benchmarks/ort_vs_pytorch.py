@@ -18,7 +18,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, run_launch
+from numabench.launcher.launch import LaunchOptions, Workload, run_launch
+from numabench.plans import plan_for_launch
 from numabench.topology import read_machine
 
 BACKENDS = ("pytorch", "onnxruntime")
@@ -34,7 +35,7 @@ def one_run(machine, plan, backend: str, args) -> dict:
                         mode="throughput", iterations=args.iterations, warmup=args.warmup,
                         backend_options=options)
     with tempfile.TemporaryDirectory() as tmp:
-        doc = run_launch(machine, plan, workload, LaunchOptions(run_dir=Path(tmp), progress=False))
+        doc = run_launch(machine, plan, workload, LaunchOptions(run_dir=Path(tmp), progress=False)).to_dict()
     s = doc["summary"]
     return {"throughput": s["throughput"], "sum_of_instances": s["throughput_sum"],
             "prepared": doc["environment"].get("backend"),

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, run_launch
+from numabench.launcher.launch import LaunchOptions, Workload, run_launch
+from numabench.plans import plan_for_launch
 from numabench.topology import read_machine
 
 GOAL_P50_US = 200.0
@@ -79,7 +80,7 @@ def main() -> int:
                         iterations=args.iterations, warmup=50)
     with tempfile.TemporaryDirectory() as tmp:
         doc = run_launch(machine, plan, workload,
-                         LaunchOptions(run_dir=Path(tmp), transport=args.transport, progress=False))
+                         LaunchOptions(run_dir=Path(tmp), transport=args.transport, progress=False)).to_dict()
     floor = transport_floor(args.iterations, args.batch, args.seq, list(plan.instances[0].cpus))
     s = doc["summary"]
     ov, e2e = s["overhead"], s["instances"]["0"]["latency"]

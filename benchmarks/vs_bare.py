@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 from numabench.launcher import binding
-from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, run_launch
+from numabench.launcher.launch import LaunchOptions, Workload, run_launch
+from numabench.plans import plan_for_launch
 from numabench.topology import read_machine
 
 GOAL = 0.98
@@ -61,7 +62,7 @@ def numabench_run(machine, plan, args) -> float:
     workload = Workload(model=args.model, backend="pytorch", seq=args.seq, mode="throughput",
                         iterations=args.iterations, warmup=args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        doc = run_launch(machine, plan, workload, LaunchOptions(run_dir=Path(tmp), progress=False))
+        doc = run_launch(machine, plan, workload, LaunchOptions(run_dir=Path(tmp), progress=False)).to_dict()
     return doc["summary"]["throughput"]
 
 

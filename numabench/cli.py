@@ -9,10 +9,27 @@ import click
 
 from numabench import __version__
 from numabench.errors import NumabenchError
+from numabench.launcher.binding import ALLOCATORS, BINDERS
+from numabench.launcher.options import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_READY_TIMEOUT_S,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    MAX_REPEAT,
+    MODES,
+    TRANSPORTS,
+    LaunchOptions,
+    Workload,
+)
+from numabench.plans.launchplan import DEFAULT_BATCH
+from numabench.plans.planner import CORE_KIND_CHOICES, LEFTOVER_POLICIES
+from numabench.workers.backends import BACKENDS, ORT_OPT_LEVELS, PRECISIONS
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
 
 
 def user_errors(fn):
-    """Print a NumabenchError as one clear message (no traceback) and exit non-zero."""
+    """Print a NumabenchError as one clear message (no traceback) and exit non-zero; an
+    interrupt that reaches here (a second Ctrl-C) exits 130, never click's `Aborted!`."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,8 +38,38 @@ def user_errors(fn):
         except NumabenchError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT)
 
     return wrapper
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number (no nan, no inf) at or above `minimum` (strictly above when `open_min`)."""
+
+    name = "number"
+
+    def __init__(self, minimum: float = 0.0, open_min: bool = True):
+        self.minimum, self.open_min = minimum, open_min
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if number < self.minimum or (self.open_min and number == self.minimum):
+            self.fail(f"{value} must be {'above' if self.open_min else 'at least'} {self.minimum:g}",
+                      param, ctx)
+        return number
+
+
+POSITIVE = click.IntRange(min=1)
+NOT_NEGATIVE = click.IntRange(min=0)
 
 
 root_option = click.option(
@@ -32,10 +79,10 @@ root_option = click.option(
 
 # Shared by launch, serve and sweep: how workers are bound and which allocator they preload.
 binder_option = click.option(
-    "--binder", type=click.Choice(["auto", "numactl", "taskset", "self"]), default="auto", show_default=True,
+    "--binder", type=click.Choice(BINDERS), default=BINDERS[0], show_default=True,
     help="auto: numactl (CPUs and memory), else taskset, else the worker pins itself.")
 allocator_option = click.option(
-    "--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
+    "--allocator", type=click.Choice(ALLOCATORS), default=ALLOCATORS[0],
     show_default=True, help="Preload an allocator library in every worker (recorded in the results).")
 
 
@@ -51,7 +98,7 @@ def cli():
 
 @cli.command()
 @root_option
-@click.option("--lscpu", "lscpu_file", type=click.File("r"), default=None,
+@click.option("--lscpu", "lscpu_file", type=click.Path(dir_okay=True), default=None,
               help="Cross-check against (and fill gaps from) saved "
                    "`LC_ALL=C lscpu -a -p=CPU,CORE,SOCKET,NODE,ONLINE` output.")
 @click.option("--json", "as_json", is_flag=True,
@@ -61,9 +108,11 @@ def topology(root, lscpu_file, as_json):
     """Show packages, NUMA nodes, cores and the CPUs this process may use."""
     import json
 
+    from numabench.fileio import read_text
     from numabench.topology import machine_to_dict, read_machine, render_machine
 
-    machine = read_machine(root, lscpu_text=lscpu_file.read() if lscpu_file else None)
+    lscpu_text = read_text(lscpu_file, "--lscpu file", allow_empty=False) if lscpu_file else None
+    machine = read_machine(root, lscpu_text=lscpu_text, lscpu_source=lscpu_file)
     click.echo(json.dumps(machine_to_dict(machine), indent=2) if as_json else render_machine(machine))
 
 
@@ -79,8 +128,9 @@ def _list_option(value, what):
         return None
     try:
         return parse_cpulist(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a {what} list like 0-3,8") from None
+    except ValueError as e:
+        raise NumabenchError(f"--{what.lower()}s {value[:80]!r}: {e} (expected a list like "
+                             "0-3,8)") from None
 
 
 def planner_options(f):
@@ -88,9 +138,9 @@ def planner_options(f):
     for option in reversed((
         click.option("--nodes", help="Use only these NUMA nodes, e.g. 0 or 0,1."),
         click.option("--cpus", help="Use only these CPUs, e.g. 0-23,48-71."),
-        click.option("--core-kind", type=click.Choice(["performance", "efficiency", "uniform", "any"]),
+        click.option("--core-kind", type=click.Choice(CORE_KIND_CHOICES),
                      help="Hybrid CPUs: which cores (default: the fastest kind present; any = mix)."),
-        click.option("--leftover", type=click.Choice(["idle", "spread"]),
+        click.option("--leftover", type=click.Choice(LEFTOVER_POLICIES),
                      help="Cores left over by equal groups: keep idle (default) or spread one by one "
                           "over the first groups of their node."),
         click.option("--preset", help="per-socket, per-node, latency, throughput, smart-dispatch, or a "
@@ -101,10 +151,10 @@ def planner_options(f):
 
 
 @cli.group("plan", invoke_without_command=True, subcommand_metavar="[show PLAN | validate PLAN]")
-@click.option("--instances", "-n", type=int, help="Number of instances (equal groups of cores).")
-@click.option("--cores-per-instance", "-c", type=int,
+@click.option("--instances", "-n", type=POSITIVE, help="Number of instances (equal groups of cores).")
+@click.option("--cores-per-instance", "-c", type=POSITIVE,
               help="Physical cores per instance (derives --instances; checked against it if both).")
-@click.option("--batch", "-b", type=int,
+@click.option("--batch", "-b", type=POSITIVE,
               help="Global batch, split evenly, larger shares first (default: 1 per instance).")
 @click.option("--smt", is_flag=True, help="Give each instance its cores' SMT siblings too.")
 @planner_options
@@ -125,7 +175,6 @@ def plan_cmd(ctx, instances, cores_per_instance, batch, smt, nodes, cpus, core_k
       numabench plan validate plan.yaml --root /captured/tree
     """
     import dataclasses
-    from pathlib import Path
 
     from numabench.plans import PlanRequest, dump_plan, load_preset, make_plan
     from numabench.topology import read_machine
@@ -140,11 +189,15 @@ def plan_cmd(ctx, instances, cores_per_instance, batch, smt, nodes, cpus, core_k
     if not asked and preset is None:
         click.echo(ctx.get_help())
         return
+    from numabench.fileio import check_output_file, write_text_atomic
+
+    if output:
+        check_output_file(output, "-o")
     request = load_preset(preset) if preset else PlanRequest()
     plan = make_plan(read_machine(root), dataclasses.replace(request, **asked))
     text = dump_plan(plan)
     if output:
-        Path(output).write_text(text)
+        write_text_atomic(output, text)
         click.echo(f"wrote {output}: {len(plan.instances)} instances, batch {plan.batch}", err=True)
     else:
         click.echo(text, nl=False)
@@ -202,49 +255,63 @@ def plan_validate(ctx, plan_file, root):
 
 
 @cli.command("launch")
-@click.option("--instances", "-n", type=int, help="Number of instances (default: 1, or the plan's).")
-@click.option("--cores-per-instance", "-c", type=int, help="Physical cores per instance (derives --instances).")
-@click.option("--batch", "-b", type=int,
-              help="Global batch, split over the instances (default: the plan's, else 8 rounded up to a "
-                   "multiple of the instance count).")
-@click.option("--seq", "-s", type=int, default=128, show_default=True, help="Sequence length in tokens.")
-@click.option("--model", "-m", default="bert-base-cased", show_default=True,
+@click.option("--instances", "-n", type=POSITIVE, help="Number of instances (default: 1, or the plan's).")
+@click.option("--cores-per-instance", "-c", type=POSITIVE,
+              help="Physical cores per instance (derives --instances).")
+@click.option("--batch", "-b", type=POSITIVE,
+              help="Global batch, split over the instances (default: the plan's, else "
+                   f"{DEFAULT_BATCH} rounded up to a multiple of the instance count).")
+@click.option("--seq", "-s", type=POSITIVE, default=Workload.seq, show_default=True,
+              help="Sequence length in tokens.")
+@click.option("--model", "-m", default=Workload.model, show_default=True,
               help="Built-in config (random weights), minilm, a local folder or a hub id.")
-@click.option("--backend", default="pytorch", show_default=True, help="pytorch, onnxruntime or noop.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32, bf16 or int8.")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=Workload.backend,
+              show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=Workload.precision,
+              show_default=True)
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Use this YAML plan instead of planning.")
 @click.option("--smt", is_flag=True, help="Give each instance its cores' SMT siblings too.")
 @planner_options
-@click.option("--iterations", "-i", type=int,
-              help="Steps (split) or requests per instance (throughput); default 20.")
-@click.option("--duration", "-d", type=float, help="Measure for this many seconds instead of --iterations.")
-@click.option("--warmup", "-w", type=int, default=3, show_default=True,
+@click.option("--iterations", "-i", type=POSITIVE,
+              help=f"Steps (split) or requests per instance (throughput); default {DEFAULT_ITERATIONS}.")
+@click.option("--duration", "-d", type=FiniteFloat(), help="Measure for this many seconds instead of --iterations.")
+@click.option("--warmup", "-w", type=NOT_NEGATIVE, default=Workload.warmup, show_default=True,
               help="Warm-up runs per instance on the exact shapes.")
-@click.option("--mode", type=click.Choice(["split", "throughput"]), default="split", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=Workload.mode, show_default=True,
               help="split: each step splits the batch over all instances; "
               "throughput: each instance runs its own shards back to back.")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False),
               help="Real text, one sample per line (needs a tokenizer).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random token ids.")
-@click.option("--compute-us", type=float, help="noop backend: fixed compute time per request, in microseconds.")
+@click.option("--seed", type=NOT_NEGATIVE, default=Workload.seed, show_default=True,
+              help="Seed for the random token ids.")
+@click.option("--compute-us", type=FiniteFloat(open_min=False),
+              help="noop backend: fixed compute time per request, in microseconds.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="onnxruntime: folder of exported ONNX files (default $XDG_CACHE_HOME/numabench/onnx "
                    "or ~/.cache/numabench/onnx).")
-@click.option("--ort-opt-level", type=click.Choice(["disable", "basic", "extended", "all"]),
+@click.option("--ort-opt-level", type=click.Choice(ORT_OPT_LEVELS),
               help="onnxruntime: graph optimization level (default all).")
 @binder_option
 @allocator_option
-@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True)
+@click.option("--transport", type=click.Choice(TRANSPORTS), default=LaunchOptions.transport,
+              show_default=True)
+@click.option("--ready-timeout", type=FiniteFloat(), default=DEFAULT_READY_TIMEOUT_S, show_default=True,
+              help="Seconds every instance may take to load and warm up.")
+@click.option("--request-timeout", type=FiniteFloat(), default=DEFAULT_REQUEST_TIMEOUT_S,
+              show_default=True, help="Seconds to wait for any reply while measuring (a hung worker).")
+@click.option("--repeat", type=click.IntRange(1, MAX_REPEAT), default=1, show_default=True,
+              help="Run K times, fresh workers each; results in RUN_DIR/rep-<k>/results.json.")
 @click.option("--run-dir", type=click.Path(file_okay=False),
-              help="Folder for logs and results (default runs/<time>-<pid>).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the results JSON here.")
+              help="Folder for logs and results (default runs/<time>-<pid>); must not hold results.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Also write the results JSON here (its folder must exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @user_errors
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
-               seed, compute_us, binder, allocator, transport, run_dir, output, as_json, cache_dir,
-               ort_opt_level):
+               seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
+               run_dir, output, as_json, cache_dir, ort_opt_level):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -252,20 +319,16 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
       numabench launch --instances 2 --batch 2
       numabench launch -n 4 -b 8 --seq 384 --model bert-base-cased -o results.json
       numabench launch --preset per-node --mode throughput --duration 30
-      numabench launch --plan plan.yaml --mode throughput --duration 30
+      numabench launch --plan plan.yaml --mode throughput --duration 30 --repeat 5
     """
     from pathlib import Path
 
-    from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, run_launch
-    from numabench.results import render_summary, summary_from_dict
+    from numabench.launcher.launch import check_options, check_workload, run_launch
+    from numabench.plans import plan_for_launch
+    from numabench.results import render_summary
     from numabench.topology import read_machine
 
-    machine = read_machine("/")
-    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
-                           cores_per_instance=cores_per_instance, batch=batch, smt=smt, preset=preset,
-                           nodes=_list_option(nodes, "node"), cpus=_list_option(cpus, "CPU"),
-                           core_kind=core_kind, leftover=leftover)
-    options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
+    options = {"compute_ns": round(compute_us * 1000)} if compute_us is not None else {}
     if (cache_dir or ort_opt_level) and backend != "onnxruntime":
         raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")
     if cache_dir:
@@ -277,16 +340,24 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                         text_file=text_file, backend_options=options)
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport,
                          run_dir=Path(run_dir) if run_dir else None,
-                         output=Path(output) if output else None)
+                         output=Path(output) if output else None, ready_timeout_s=ready_timeout,
+                         request_timeout_s=request_timeout, repeat=repeat)
+    check_options(opts)  # destinations first: a bad -o is found before the machine is read
+    machine = read_machine("/")
+    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
+                           cores_per_instance=cores_per_instance, batch=batch, smt=smt, preset=preset,
+                           nodes=_list_option(nodes, "node"), cpus=_list_option(cpus, "CPU"),
+                           core_kind=core_kind, leftover=leftover)
+    check_workload(plan, workload)
 
     def saved(paths):
         click.echo(f"results: {', '.join(str(p) for p in paths)}", err=True)
 
-    doc = run_launch(machine, plan, workload, opts, on_saved=saved)
+    result = run_launch(machine, plan, workload, opts, on_saved=saved)
     if as_json:
-        click.echo(json.dumps(doc["summary"], indent=1))
+        click.echo(json.dumps(result.summary.to_dict(), indent=1))
     else:
-        click.echo(render_summary(summary_from_dict(doc["summary"]), doc["warnings"]))
+        click.echo(render_summary(result.summary, list(result.warnings)))
 
 
 # ---- serve ----------------------------------------------------------------------------------
@@ -348,7 +419,7 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
     from pathlib import Path
 
     from numabench.daemon.server import ServeOptions, serve
-    from numabench.launcher.launch import plan_for_launch
+    from numabench.plans import plan_for_launch
     from numabench.topology import read_machine
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,

@@ -12,10 +12,21 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from numabench.fileio import write_json_atomic  # noqa: F401  (the one atomic writer; re-exported)
+from numabench.errors import NumabenchError
+from numabench.fileio import (
+    read_text,
+    write_json_atomic,  # noqa: F401  (the one atomic writer; re-exported)
+)
 
 RESULTS_SCHEMA = "numabench.results"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+# Every version this numabench has written, and what changed (as pyperf keeps it). Each one is
+# still read: a change only adds keys, so older documents lack them and nothing else.
+VERSION_HISTORY = {
+    1: "first version: raw timing columns, summary, machine, plan, workload, environment",
+    2: "per-request queue time (worker start - coordinator send) as its own distribution "
+       "(summary.queue, summary.instances[*].queue); repetition (launch --repeat)",
+}
 
 # A percentile is only reported when enough samples back it: p90 needs 10, p99 needs 100.
 PERCENTILE_MIN_SAMPLES = {50: 1, 90: 10, 99: 100}
@@ -44,9 +55,12 @@ class Sample:
         return self.e2e_ns - self.compute_ns
 
     @property
-    def to_worker_ns(self) -> int:
-        """Coordinator send → worker starts computing: encode, transport, wake-up, decode."""
+    def queue_ns(self) -> int:
+        """Coordinator send → worker starts computing: encode, transport, wake-up, decode, and
+        waiting behind earlier requests when several are in flight."""
         return self.start_ns - self.sent_ns
+
+    to_worker_ns = queue_ns  # its name in results version 1
 
 
 SAMPLE_COLUMNS = ("instance", "step", "batch", "sent_ns", "received_ns", "compute_ns", "start_ns")
@@ -59,6 +73,44 @@ def percentile(sorted_values: list[int], q: float) -> float:
     pos = (len(sorted_values) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Statistics of ns durations; a percentile is None where the count cannot support it.
+
+    `d["p50_ns"]` and `d.get(...)` read it as the JSON dict did, for code not yet switched."""
+
+    count: int
+    min_ns: int | None = None
+    max_ns: int | None = None
+    mean_ns: float | None = None
+    stdev_ns: float | None = None
+    p50_ns: float | None = None
+    p90_ns: float | None = None
+    p99_ns: float | None = None
+
+    @classmethod
+    def of(cls, values_ns, what: str = "", warnings: list[str] | None = None) -> Distribution:
+        return cls.from_dict(describe(list(values_ns), what, warnings))
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.count:
+            return {"count": 0}
+        return {k: getattr(self, k) for k in DISTRIBUTION_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Distribution:
+        return cls(count=int(d.get("count") or 0), **{k: d.get(k) for k in DISTRIBUTION_KEYS[1:]})
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def get(self, key: str, default=None):
+        return self.to_dict().get(key, default)
+
+
+DISTRIBUTION_KEYS = ("count", "min_ns", "max_ns", "mean_ns", "stdev_ns", "p50_ns", "p90_ns", "p99_ns")
 
 
 def describe(values_ns: list[int], what: str, warnings: list[str] | None = None) -> dict[str, Any]:
@@ -83,6 +135,35 @@ def describe(values_ns: list[int], what: str, warnings: list[str] | None = None)
 
 
 @dataclass(frozen=True)
+class InstanceStats:
+    """One instance's share of a run. Per request: latency = received - sent (coordinator),
+    compute = the backend call (worker), queue = worker start - coordinator send (transport,
+    decode and waiting behind earlier requests when several are in flight)."""
+
+    requests: int
+    samples: int
+    throughput: float  # samples/s over this instance's own window
+    latency: Distribution
+    compute: Distribution
+    queue: Distribution
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "samples": self.samples, "throughput": self.throughput,
+                "latency": self.latency.to_dict(), "compute": self.compute.to_dict(),
+                "queue": self.queue.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InstanceStats:
+        return cls(requests=d["requests"], samples=d["samples"], throughput=d["throughput"],
+                   latency=Distribution.from_dict(d["latency"]),
+                   compute=Distribution.from_dict(d["compute"]),
+                   queue=Distribution.from_dict(d.get("queue") or {"count": 0}))
+
+    def __getitem__(self, key: str):  # reads like the JSON dict, for code not yet switched
+        return getattr(self, key)
+
+
+@dataclass(frozen=True)
 class Summary:
     """What a run measured, derived from the samples (see `summarize`)."""
 
@@ -90,11 +171,38 @@ class Summary:
     window_ns: int
     throughput: float  # samples/s over the common window
     throughput_sum: float  # sum of per-instance throughputs over each instance's own window
-    instances: dict[int, dict[str, Any]]
-    step_latency: dict[str, Any] | None  # split mode: the step's max latency
-    overhead: dict[str, Any]
+    instances: dict[int, InstanceStats]
+    step_latency: Distribution | None  # split mode: the step's max latency
+    overhead: Distribution  # end-to-end - compute
+    queue: Distribution  # worker start - coordinator send ("to_worker" in version 1)
     imbalance: float | None
     warnings: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "window_ns": self.window_ns,
+            "throughput": self.throughput,
+            "throughput_sum": self.throughput_sum,
+            "instances": {str(k): v.to_dict() for k, v in self.instances.items()},
+            "step_latency": self.step_latency.to_dict() if self.step_latency else None,
+            "overhead": {**self.overhead.to_dict(), "to_worker": self.queue.to_dict()},
+            "queue": self.queue.to_dict(),
+            "imbalance": self.imbalance,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Summary:
+        overhead = dict(d["overhead"])
+        queue = d.get("queue") or overhead.get("to_worker") or {"count": 0}
+        return cls(
+            samples=d["samples"], window_ns=d["window_ns"], throughput=d["throughput"],
+            throughput_sum=d["throughput_sum"],
+            instances={int(k): InstanceStats.from_dict(v) for k, v in d["instances"].items()},
+            step_latency=Distribution.from_dict(d["step_latency"]) if d.get("step_latency") else None,
+            overhead=Distribution.from_dict(overhead), queue=Distribution.from_dict(queue),
+            imbalance=d["imbalance"], warnings=tuple(d.get("warnings") or ()))
 
 
 def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = None) -> Summary:
@@ -106,38 +214,35 @@ def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = No
     """
     warnings: list[str] = []
     if not samples:
-        return Summary(0, 0, 0.0, 0.0, {}, None, {"count": 0}, None, ("no samples were measured",))
+        empty = Distribution(0)
+        return Summary(0, 0, 0.0, 0.0, {}, None, empty, empty, None, ("no samples were measured",))
     start = min(s.sent_ns for s in samples) if window_start_ns is None else window_start_ns
     end = max(s.received_ns for s in samples)
     window = max(end - start, 1)
     total = sum(s.batch for s in samples)
-    per: dict[int, dict[str, Any]] = {}
+    per: dict[int, InstanceStats] = {}
     for iid in sorted({s.instance for s in samples}):
         mine = [s for s in samples if s.instance == iid]
         own_window = max(max(s.received_ns for s in mine) - min(s.sent_ns for s in mine), 1)
         n = sum(s.batch for s in mine)
-        per[iid] = {
-            "requests": len(mine),
-            "samples": n,
-            "throughput": n / own_window * 1e9,
-            "latency": describe([s.e2e_ns for s in mine], f"instance {iid} latency", warnings),
-            "compute": describe([s.compute_ns for s in mine], f"instance {iid} compute"),
-        }
+        per[iid] = InstanceStats(
+            requests=len(mine), samples=n, throughput=n / own_window * 1e9,
+            latency=Distribution.of([s.e2e_ns for s in mine], f"instance {iid} latency", warnings),
+            compute=Distribution.of([s.compute_ns for s in mine]),
+            queue=Distribution.of([s.queue_ns for s in mine]))
     step_latency = None
     if mode == "split":
         steps: dict[int, list[Sample]] = {}
         for s in samples:
             steps.setdefault(s.step, []).append(s)
         step_ns = [max(x.received_ns for x in g) - min(x.sent_ns for x in g) for g in steps.values()]
-        step_latency = describe(step_ns, "step max latency", warnings)
-    rates = [p["throughput"] for p in per.values()]
+        step_latency = Distribution.of(step_ns, "step max latency", warnings)
+    rates = [p.throughput for p in per.values()]
     imbalance = None
     if len(rates) > 1 and max(rates) > 0:
         imbalance = (max(rates) - min(rates)) / max(rates)
         if mode == "throughput" and imbalance > IMBALANCE_WARN:
             warnings.append(f"instances are imbalanced: slowest is {imbalance:.0%} below the fastest")
-    overhead = describe([s.overhead_ns for s in samples], "overhead")
-    overhead["to_worker"] = describe([s.to_worker_ns for s in samples], "overhead to worker")
     return Summary(
         samples=total,
         window_ns=window,
@@ -145,24 +250,19 @@ def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = No
         throughput_sum=sum(rates),
         instances=per,
         step_latency=step_latency,
-        overhead=overhead,
+        overhead=Distribution.of([s.overhead_ns for s in samples]),
+        queue=Distribution.of([s.queue_ns for s in samples]),
         imbalance=imbalance,
         warnings=tuple(warnings),
     )
 
 
 def summary_to_dict(s: Summary) -> dict[str, Any]:
-    return {
-        "samples": s.samples,
-        "window_ns": s.window_ns,
-        "throughput": s.throughput,
-        "throughput_sum": s.throughput_sum,
-        "instances": {str(k): v for k, v in s.instances.items()},
-        "step_latency": s.step_latency,
-        "overhead": s.overhead,
-        "imbalance": s.imbalance,
-        "warnings": list(s.warnings),
-    }
+    return s.to_dict()
+
+
+def summary_from_dict(d: dict[str, Any]) -> Summary:
+    return Summary.from_dict(d)
 
 
 def samples_to_columns(samples: list[Sample]) -> dict[str, list[int]]:
@@ -175,14 +275,120 @@ def samples_from_columns(cols: dict[str, list[int]]) -> list[Sample]:
     return [Sample(*(int(cols[c][i]) for c in SAMPLE_COLUMNS)) for i in range(n)]
 
 
+STATUSES = ("ok", "failed", "interrupted")
+
+
+class ResultsError(NumabenchError):
+    """A file is not a results document this numabench can read."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One launch's results document: built here, written as JSON, read back by `load_result`.
+
+    `status` is "ok" only when the run ended without an exception (launch decides it in a
+    try/finally that starts from "failed"). `raw` samples are the record; `summary` derives
+    from them. Plain-dict parts (machine, plan, workload, environment, instances) are the
+    documents of their own modules, kept as they were written.
+    """
+
+    status: str
+    error: str | None
+    failed_instance: int | None
+    created: str
+    command: tuple[str, ...]
+    run_dir: str
+    machine: dict[str, Any]
+    plan: dict[str, Any]
+    workload: dict[str, Any]
+    environment: dict[str, Any]
+    instances: dict[str, Any]  # instance id -> {"asked": ..., "got": ...}
+    window_start_ns: int | None
+    samples: tuple[Sample, ...]
+    summary: Summary
+    warnings: tuple[str, ...]
+    repetition: dict[str, Any] | None = None  # launch --repeat: {"index", "of", "fresh_workers"}
+    experiment: dict[str, Any] | None = None  # sweep: which point this is
+    version: int = RESULTS_VERSION
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {
+            "schema": RESULTS_SCHEMA,
+            "version": self.version,
+            "status": self.status,
+            "error": self.error,
+            "failed_instance": self.failed_instance,
+            "created": self.created,
+            "command": list(self.command),
+            "run_dir": self.run_dir,
+            "machine": self.machine,
+            "plan": self.plan,
+            "workload": self.workload,
+            "environment": self.environment,
+            "instances": self.instances,
+            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(list(self.samples))},
+            "summary": self.summary.to_dict(),
+            "warnings": list(self.warnings),
+            "repetition": self.repetition,
+        }
+        if self.experiment is not None:
+            doc["experiment"] = self.experiment
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = "results") -> RunResult:
+        """Read a document; ResultsError names `source` and what is wrong."""
+        if not isinstance(doc, dict) or doc.get("schema") != RESULTS_SCHEMA:
+            raise ResultsError(f"{source}: not a numabench results document (no "
+                               f"\"schema\": \"{RESULTS_SCHEMA}\")")
+        version = doc.get("version")
+        if version not in VERSION_HISTORY:
+            newer = isinstance(version, int) and version > RESULTS_VERSION
+            raise ResultsError(
+                f"{source}: results version {version!r} is not supported (this numabench reads "
+                f"versions {', '.join(map(str, VERSION_HISTORY))})"
+                + ("; it was written by a newer numabench: upgrade to read it" if newer else ""))
+        try:
+            raw = dict(doc["raw"])
+            samples = tuple(samples_from_columns(raw))
+            return cls(
+                status=doc["status"], error=doc.get("error"), failed_instance=doc.get("failed_instance"),
+                created=doc.get("created", ""), command=tuple(doc.get("command") or ()),
+                run_dir=doc.get("run_dir", ""), machine=doc.get("machine") or {},
+                plan=doc.get("plan") or {}, workload=doc["workload"],
+                environment=doc.get("environment") or {}, instances=doc.get("instances") or {},
+                window_start_ns=raw.get("window_start_ns"), samples=samples,
+                summary=Summary.from_dict(doc["summary"]), warnings=tuple(doc.get("warnings") or ()),
+                repetition=doc.get("repetition"), experiment=doc.get("experiment"), version=version)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ResultsError(f"{source}: damaged results document ({type(e).__name__}: "
+                               f"{str(e)[:120]})") from None
+
+
+def load_result(path: str | os.PathLike) -> RunResult:
+    """A results file as a RunResult; every failure is a ResultsError naming the file."""
+    return RunResult.from_dict(load_results(path), source=os.fspath(path))
+
+
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path) as f:
-        doc = json.load(f)
-    if doc.get("schema") != RESULTS_SCHEMA:
-        raise ValueError(f"{path}: not a numabench results document")
-    if doc.get("version") != RESULTS_VERSION:
-        raise ValueError(f"{path}: results version {doc.get('version')} is not supported "
-                         f"(this numabench reads version {RESULTS_VERSION})")
+    """A results file as its JSON dict (checked: schema and a known version)."""
+    text = read_text(path, "results document")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ResultsError(f"{os.fspath(path)}: not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != RESULTS_SCHEMA:
+        raise ResultsError(f"{os.fspath(path)}: not a numabench results document")
+    if doc.get("version") not in VERSION_HISTORY:
+        RunResult.from_dict(doc, source=os.fspath(path))  # raises the version message
     return doc
 
 
@@ -195,33 +401,23 @@ def render_summary(s: Summary, warnings: list[str] | None = None) -> str:
     lines = [f"{'instance':>8} {'requests':>8} {'samples':>8} {'p50 ms':>8} {'p90 ms':>8} "
              f"{'p99 ms':>8} {'compute p50':>11} {'samples/s':>10}"]
     for iid, p in s.instances.items():
-        lat, comp = p["latency"], p["compute"]
-        lines.append(f"{iid:>8} {p['requests']:>8} {p['samples']:>8} {fmt_ms(lat.get('p50_ns')):>8} "
-                     f"{fmt_ms(lat.get('p90_ns')):>8} {fmt_ms(lat.get('p99_ns')):>8} "
-                     f"{fmt_ms(comp.get('p50_ns')):>11} {p['throughput']:>10.2f}")
+        lat = p.latency
+        lines.append(f"{iid:>8} {p.requests:>8} {p.samples:>8} {fmt_ms(lat.p50_ns):>8} "
+                     f"{fmt_ms(lat.p90_ns):>8} {fmt_ms(lat.p99_ns):>8} "
+                     f"{fmt_ms(p.compute.p50_ns):>11} {p.throughput:>10.2f}")
     lines.append("")
     if s.step_latency:
         sl = s.step_latency
-        lines.append(f"step max latency: p50 {fmt_ms(sl.get('p50_ns'))} ms, p90 {fmt_ms(sl.get('p90_ns'))} ms, "
-                     f"p99 {fmt_ms(sl.get('p99_ns'))} ms over {sl['count']} steps")
+        lines.append(f"step max latency: p50 {fmt_ms(sl.p50_ns)} ms, p90 {fmt_ms(sl.p90_ns)} ms, "
+                     f"p99 {fmt_ms(sl.p99_ns)} ms over {sl.count} steps")
     lines.append(f"throughput: {s.throughput:.2f} samples/s over the common window "
                  f"({s.window_ns / 1e9:.3f} s, {s.samples} samples)")
     lines.append(f"sum of per-instance throughputs: {s.throughput_sum:.2f} samples/s")
     if s.imbalance is not None:
         lines.append(f"imbalance (fastest vs slowest instance): {s.imbalance:.1%}")
-    ov = s.overhead
-    if ov.get("count"):
-        lines.append(f"numabench overhead (end-to-end - compute): p50 {ov['p50_ns'] / 1e3:.0f} us")
+    if s.overhead.count:
+        lines.append(f"numabench overhead (end-to-end - compute): p50 {s.overhead.p50_ns / 1e3:.0f} us"
+                     f", of which queue (send to compute start) p50 {s.queue.p50_ns / 1e3:.0f} us")
     for w in s.warnings if warnings is None else warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
-
-
-def summary_from_dict(d: dict[str, Any]) -> Summary:
-    return Summary(
-        samples=d["samples"], window_ns=d["window_ns"], throughput=d["throughput"],
-        throughput_sum=d["throughput_sum"],
-        instances={int(k): v for k, v in d["instances"].items()},
-        step_latency=d["step_latency"], overhead=d["overhead"], imbalance=d["imbalance"],
-        warnings=tuple(d["warnings"]),
-    )

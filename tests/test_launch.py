@@ -186,6 +186,16 @@ def test_without_numactl_the_fallback_runs_and_says_so(tmp_path, with_taskset):
     (["--seq", "0"], "--seq"),
     (["--iterations", "3", "--duration", "2"], "not both"),
     (["--plan", "missing.yaml"], "missing.yaml"),
+    # issue 10: every one of these was a traceback, a silent default or a late failure
+    (["--instances", "0"], "--instances"),
+    (["--duration", "nan"], "not a finite number"),
+    (["--duration", "inf"], "not a finite number"),
+    (["--compute-us", "nan", "--backend", "noop"], "not a finite number"),
+    (["--seed", "-1"], "--seed"),
+    (["--cpus", "0-99999999999"], "beyond the kernel's limit"),
+    (["--request-timeout", "0"], "--request-timeout"),
+    (["-o", "/nonexistent/dir/r.json"], "/nonexistent/dir does not exist"),
+    (["--repeat", "2", "-o", "r.json"], "--repeat"),
 ])
 def test_bad_arguments_fail_before_anything_starts(tmp_path, args, needle):
     if args[:2] == ["--instances", "2"] and len(USABLE) < 2:
@@ -193,9 +203,11 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path, args, needle):
     run_dir = tmp_path / "run"
     r = launch(*args, "--run-dir", str(run_dir), timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert r.stderr.startswith("error: ") and needle in r.stderr
-    assert "Traceback" not in r.stderr
+    # ours ("error: ...") or click's usage error ("Error: Invalid value for ...")
+    assert r.stderr.lower().startswith("error: ") or "\nError: " in r.stderr, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
     assert not run_dir.exists()  # nothing was started
+    assert not Path("/nonexistent").exists()  # and no folder was made for -o
 
 
 @TWO_CPUS

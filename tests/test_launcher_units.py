@@ -120,10 +120,14 @@ def test_summarize_uses_the_common_window():
     assert out.imbalance == pytest.approx(0.75)
     assert any("imbalanced" in w for w in out.warnings)
     # overhead = end-to-end - compute, and its first leg ends when the worker starts computing
-    assert out.overhead["max_ns"] == 50 and out.overhead["to_worker"]["max_ns"] == 30
+    assert out.overhead.max_ns == 50 and out.queue.max_ns == 30
+    assert out.instances[1].queue.max_ns == 30 and out.instances[0].queue.count == 2
+    # the JSON keeps version 1's overhead.to_worker beside the new queue
+    d = out.to_dict()
+    assert d["overhead"]["to_worker"] == d["queue"] == out.queue.to_dict()
     # split mode: the step's latency is its slowest shard
     split = summarize([Sample(0, 0, 2, 0, 10, 5, 2), Sample(1, 0, 2, 0, 30, 5, 20)], "split")
-    assert split.step_latency["max_ns"] == 30
+    assert split.step_latency.max_ns == 30
     assert summarize([Sample(0, 0, 2, 5, 10, 5, 6)], "split", window_start_ns=0).window_ns == 10
 
 
@@ -152,8 +156,7 @@ def test_plan_for_launch_presets_restrictions_and_default_batch(tmp_path):
     from test_plans_support import article_machine
 
     from numabench.errors import NumabenchError
-    from numabench.launcher.launch import plan_for_launch
-    from numabench.plans import dump_plan
+    from numabench.plans import dump_plan, plan_for_launch
 
     m = article_machine()  # 2 sockets x 24 cores, SMT, one node per socket
     base = plan_for_launch(m)  # the baseline: one instance on every physical core

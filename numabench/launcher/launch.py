@@ -8,14 +8,16 @@ still writes what was measured, marked as failed.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,58 +25,27 @@ import numpy as np
 
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
+from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
+from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
+    DEFAULT_ITERATIONS,
+    MAX_DURATION_S,
+    MAX_ITERATIONS,
+    MAX_REPEAT,
+    MODES,
+    RESULTS_FILE,
+    STOP_SIGNALS,
+    TRANSPORTS,
+    LaunchOptions,
+    Workload,
+)
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
 from numabench.plans.model import Plan
-from numabench.results import (
-    RESULTS_SCHEMA,
-    RESULTS_VERSION,
-    Sample,
-    samples_to_columns,
-    summarize,
-    summary_to_dict,
-    write_json_atomic,
-)
+from numabench.results import RunResult, Sample, summarize
 from numabench.topology.model import Machine
 from numabench.workers import protocol
-
-MODES = ("split", "throughput")
-DEFAULT_ITERATIONS = 20
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What each instance runs, and for how long."""
-
-    model: str = "bert-base-cased"
-    backend: str = "pytorch"
-    precision: str = "fp32"
-    seq: int = 128
-    mode: str = "split"
-    iterations: int | None = None  # split: steps; throughput: requests per instance
-    duration_s: float | None = None
-    warmup: int = 3
-    seed: int = 0
-    text_file: str | None = None
-    backend_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """How instances are started and where results go."""
-
-    binder: str = "auto"
-    allocator: str = "default"
-    transport: str = "ipc"
-    run_dir: Path | None = None
-    output: Path | None = None
-    ready_timeout_s: float = 600.0
-    request_timeout_s: float = 300.0
-    grace_s: float = 5.0
-    progress: bool | None = None  # None: only when stderr is a terminal
-    path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
 
 
 class RunInterrupted(LaunchError):
@@ -95,10 +66,14 @@ def check_workload(plan: Plan, workload: Workload) -> None:
     if spec.max_positions and workload.seq > spec.max_positions:
         raise NumabenchError(f"--seq {workload.seq} exceeds {workload.model}'s maximum of "
                              f"{spec.max_positions} positions")
-    if workload.iterations is not None and workload.iterations < 1:
-        raise NumabenchError(f"--iterations must be at least 1 (got {workload.iterations})")
-    if workload.duration_s is not None and workload.duration_s <= 0:
-        raise NumabenchError(f"--duration must be positive (got {workload.duration_s})")
+    if workload.iterations is not None and not 1 <= workload.iterations <= MAX_ITERATIONS:
+        raise NumabenchError(f"--iterations must be 1 to {MAX_ITERATIONS} (got {workload.iterations})")
+    if workload.duration_s is not None and not (
+            math.isfinite(workload.duration_s) and 0 < workload.duration_s <= MAX_DURATION_S):
+        raise NumabenchError(f"--duration must be a number of seconds above 0 and at most "
+                             f"{MAX_DURATION_S:.0f} (a week), not {workload.duration_s}")
+    if workload.seed < 0:
+        raise NumabenchError(f"--seed cannot be negative (got {workload.seed})")
     if workload.iterations is not None and workload.duration_s is not None:
         raise NumabenchError("give --iterations or --duration, not both")
     if workload.warmup < 0:
@@ -118,11 +93,34 @@ def check_workload(plan: Plan, workload: Workload) -> None:
 
 
 def read_texts(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise NumabenchError(f"--text {path}: {e.strerror}") from None
+    text = read_text(path, "--text file")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def check_options(opts: LaunchOptions) -> None:
+    """Refuse, before any process starts, options that would fail only after the benchmark:
+    an output that cannot be written, a run folder already holding results, bad timeouts."""
+    for name, value in (("--ready-timeout", opts.ready_timeout_s),
+                        ("--request-timeout", opts.request_timeout_s), ("grace", opts.grace_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise NumabenchError(f"{name} must be a positive number of seconds, not {value}")
+    if not 1 <= opts.repeat <= MAX_REPEAT:
+        raise NumabenchError(f"--repeat must be 1 to {MAX_REPEAT} (got {opts.repeat})")
+    if opts.output is not None:
+        if opts.repeat > 1:
+            raise NumabenchError("-o writes one results document; with --repeat each repetition "
+                                 "writes RUN_DIR/rep-<k>/results.json (give --run-dir instead)")
+        check_output_file(opts.output, "-o")
+    if opts.run_dir is not None:
+        run_dir = check_output_dir(opts.run_dir, "--run-dir")
+        held = sorted(p.relative_to(run_dir) for p in [run_dir / RESULTS_FILE,
+                                                       *run_dir.glob(f"rep-*/{RESULTS_FILE}")]
+                      if p.exists())
+        if held:
+            raise NumabenchError(f"--run-dir {run_dir} already holds results ({held[0]}); "
+                                 "choose a new folder (or move those results away)")
+    else:
+        check_output_dir(Path.cwd(), "the default run folder (runs/ here)")
 
 
 def default_run_dir() -> Path:
@@ -144,6 +142,7 @@ class _Run:
         self.prepared: Any = None  # backends.Preparation, when the backend prepares (onnxruntime)
         self.window_start_ns: int | None = None
         self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.repetition: dict[str, Any] | None = None
 
     def log(self, message: str) -> None:
         """Append an event to run_dir/launch.log: the run's own story, for users and tests."""
@@ -309,7 +308,7 @@ class _Run:
     # --- record --------------------------------------------------------------------------
 
     def document(self, status: str, error: str | None = None,
-                 failed_instance: int | None = None) -> dict[str, Any]:
+                 failed_instance: int | None = None) -> RunResult:
         import yaml
 
         from numabench.plans import dump_plan
@@ -317,132 +316,144 @@ class _Run:
 
         summary = summarize(self.samples, self.workload.mode, self.window_start_ns)
         versions = next((r.get("versions") for r in self.ready.values() if r.get("versions")), {})
-        return {
-            "schema": RESULTS_SCHEMA,
-            "version": RESULTS_VERSION,
-            "status": status,
-            "error": error,
-            "failed_instance": failed_instance,
-            "created": self.started.isoformat(timespec="seconds"),
-            "command": sys.argv,
-            "run_dir": str(self.run_dir),
-            "machine": machine_to_dict(self.machine),
-            "plan": yaml.safe_load(dump_plan(self.plan)),
-            "workload": asdict(self.workload),
-            "environment": {**self.env_info, "versions": versions,
-                            **({"backend": self.prepared.record} if self.prepared else {})},
-            "instances": {
+        return RunResult(
+            status=status, error=error, failed_instance=failed_instance,
+            created=self.started.isoformat(timespec="seconds"), command=tuple(sys.argv),
+            run_dir=str(self.run_dir), machine=machine_to_dict(self.machine),
+            plan=yaml.safe_load(dump_plan(self.plan)), workload=asdict(self.workload),
+            environment={**self.env_info, "versions": versions,
+                         **({"backend": self.prepared.record} if self.prepared else {})},
+            instances={
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
                                       "threads": i.threads, "batch": i.batch},
                             "got": {k: v for k, v in self.ready.get(i.id, {}).items()
                                     if k not in ("type", "v", "arrays")}}
                 for i in self.plan.instances},
-            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(self.samples)},
-            "summary": summary_to_dict(summary),
-            "warnings": self.warnings + list(summary.warnings),
-        }
+            window_start_ns=self.window_start_ns, samples=tuple(self.samples), summary=summary,
+            warnings=tuple(self.warnings) + summary.warnings, repetition=self.repetition)
 
-    def save(self, doc: dict[str, Any]) -> list[Path]:
-        paths = [self.run_dir / "results.json"] + ([Path(self.opts.output)] if self.opts.output else [])
+    def save(self, result: RunResult) -> list[Path]:
+        paths = [self.run_dir / RESULTS_FILE] + ([Path(self.opts.output)] if self.opts.output else [])
+        doc = result.to_dict()
         for p in paths:
             write_json_atomic(p, doc)
         return paths
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled exactly like Ctrl-C, but named in the results."""
+
+
+def _raise_stop(signum, frame):
+    raise _StopSignal(signal.Signals(signum).name)
+
+
+class _StopSignals:
+    """While a run is measuring: SIGTERM and SIGHUP raise like Ctrl-C. While it cleans up and
+    saves (`hold()`): every stop signal, Ctrl-C too, is held off, so a second press within
+    milliseconds cannot cut the save short; the run then exits 130 as for the first press."""
+
+    def __init__(self):
+        import threading
+
+        self.active = threading.current_thread() is threading.main_thread()
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self):
+        if self.active:
+            for sig in STOP_SIGNALS:
+                self.saved[sig] = signal.signal(sig, _raise_stop)
+            self.saved.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
+        return self
+
+    def hold(self) -> None:
+        if self.active:
+            for sig in (*STOP_SIGNALS, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        if self.active:
+            for sig, handler in self.saved.items():
+                signal.signal(sig, handler)
 
 
 def run_launch(machine: Machine, plan: Plan, workload: Workload,
-               opts: LaunchOptions = LaunchOptions(),
-               on_saved: Callable[[list[Path]], None] | None = None) -> dict[str, Any]:
-    """Run the workload on the plan's instances; returns the results document.
+               opts: LaunchOptions | None = None,
+               on_saved: Callable[[list[Path]], None] | None = None) -> RunResult:
+    """Run the workload on the plan's instances; returns the results (the last repetition's).
 
-    On failure or interrupt the partial document is still written (status failed/interrupted)
-    and the error is raised after every worker has been reaped.
+    Inputs and destinations are checked before any process starts. With `opts.repeat` K > 1,
+    K runs with fresh workers each write RUN_DIR/rep-<k>/results.json. On failure or interrupt
+    the partial document is still written (status failed/interrupted) and the error is raised
+    after every worker has been reaped.
     """
+    opts = opts or LaunchOptions()
     check_workload(plan, workload)
+    check_options(opts)
+    if opts.transport not in TRANSPORTS:
+        raise NumabenchError(f"unknown transport {opts.transport!r}; use {' or '.join(TRANSPORTS)}")
+    if opts.repeat == 1:
+        return _run_once(machine, plan, workload, opts, on_saved)
+    base = Path(opts.run_dir or default_run_dir())
+    result = None
+    for k in range(1, opts.repeat + 1):
+        rep_opts = replace(opts, run_dir=base / f"rep-{k}")
+        result = _run_once(machine, plan, workload, rep_opts, on_saved,
+                           repetition={"index": k, "of": opts.repeat, "fresh_workers": True,
+                                       # read once for all repetitions; workers never reused
+                                       "reused": ["machine", "plan"]})
+    return result
+
+
+def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOptions,
+              on_saved: Callable[[list[Path]], None] | None,
+              repetition: dict[str, Any] | None = None) -> RunResult:
     run = _Run(machine, plan, workload, opts)
+    run.repetition = repetition
     run.prepare()
-    # SIGTERM to the coordinator stops the run as cleanly as Ctrl-C does.
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
-    status, error, failed = "ok", None, None
-    try:
-        with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
-            try:
-                run.prepare_backend()
-                run.spawn(group, coord)
-                run.wait_ready(coord)
-                run.measure(coord)
-                coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
-                group.wait_all(opts.grace_s)
-            except WorkerFailed as e:
-                status, error, failed = "failed", str(e), e.instance
-                raise
-            except NumabenchError as e:
-                status, error = "failed", str(e)
-                raise
-            except KeyboardInterrupt:
-                status, error = "interrupted", "interrupted by the user"
-                raise RunInterrupted("interrupted: all instances stopped; partial results saved "
-                                     f"in {run.run_dir}") from None
-            finally:
-                run.progress.done()
-                group.stop(opts.grace_s)
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        doc = run.document(status, error, failed)
-        saved = run.save(doc)
-        run.log(f"{status}: {len(run.samples)} requests measured; results in "
-                f"{', '.join(str(p) for p in saved)}" + (f"; {error.splitlines()[0]}" if error else ""))
-        if on_saved:
-            on_saved(saved)
-    return doc
+    # The status starts as a failure and becomes "ok" only on the try's last line: whatever
+    # is raised, by whom, the results document cannot claim success.
+    status, error, failed = "failed", "the run stopped before it finished", None
+    with _StopSignals() as stops:
+        try:
+            with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
+                try:
+                    run.prepare_backend()
+                    run.spawn(group, coord)
+                    run.wait_ready(coord)
+                    run.measure(coord)
+                    coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
+                    group.wait_all(opts.grace_s)
+                    status, error = "ok", None
+                except WorkerFailed as e:
+                    error, failed = str(e), e.instance
+                    raise
+                except NumabenchError as e:
+                    error = str(e)
+                    raise
+                except KeyboardInterrupt as e:
+                    stops.hold()
+                    how = f"by {e.args[0]}" if isinstance(e, _StopSignal) else "by the user"
+                    status, error = "interrupted", f"interrupted {how}"
+                    raise RunInterrupted(f"interrupted {how}: all instances stopped; partial "
+                                         f"results saved in {run.run_dir}") from None
+                except Exception as e:  # a bug: saved as a failure, the traceback in launch.log
+                    error = f"unexpected error: {type(e).__name__}: {e}"
+                    run.log(traceback.format_exc().rstrip())
+                    raise LaunchError(f"{error}\n(a numabench bug; the traceback is in "
+                                      f"{run.run_dir / 'launch.log'}; partial results saved)") from e
+                finally:
+                    stops.hold()
+                    run.progress.done()
+                    group.stop(opts.grace_s)
+        finally:
+            stops.hold()
+            result = run.document(status, error, failed)
+            saved = run.save(result)
+            run.log(f"{status}: {len(run.samples)} requests measured; results in "
+                    f"{', '.join(str(p) for p in saved)}" + (f"; {error.splitlines()[0]}" if error else ""))
+            if on_saved:
+                on_saved(saved)
+    return result
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-DEFAULT_BATCH = 8
-
-
-def plan_for_launch(machine: Machine, plan_file: str | None = None, instances: int | None = None,
-                    cores_per_instance: int | None = None, batch: int | None = None,
-                    smt: bool = False, preset: str | None = None, nodes: tuple[int, ...] | None = None,
-                    cpus: tuple[int, ...] | None = None, core_kind: str | None = None,
-                    leftover: str | None = None) -> Plan:
-    """The plan a launch runs: a validated YAML plan, or one made by the planner.
-
-    Without a batch, each instance gets an equal share of at least DEFAULT_BATCH in all:
-    DEFAULT_BATCH rounded up to a multiple of the instance count.
-    """
-    import dataclasses
-    import math
-
-    from numabench.plans import PlanRequest, load_plan, load_preset, make_plan, validate_plan
-
-    shape = {"instances": instances, "cores_per_instance": cores_per_instance, "smt": smt or None,
-             "nodes": nodes, "cpus": cpus, "core_kind": core_kind, "leftover": leftover}
-    shape = {k: v for k, v in shape.items() if v is not None}
-    if plan_file:
-        clash = ["--" + k.replace("_", "-") for k in shape] + (["--preset"] if preset else [])
-        if clash:
-            raise NumabenchError(f"{', '.join(clash)} cannot be combined with --plan: the plan "
-                                 f"{plan_file} already fixes the instances")
-        plan = load_plan(Path(plan_file))
-        validate_plan(plan, machine)
-        if batch is not None and batch != plan.batch:
-            raise NumabenchError(f"--batch {batch} differs from the plan's batch {plan.batch} in "
-                                 f"{plan_file}; edit the plan's batch shares or drop --batch")
-        return plan
-    request = dataclasses.replace(load_preset(preset) if preset else PlanRequest(), **shape)
-    if not (request.instances or request.cores_per_instance or request.group_by or request.tiers):
-        request = dataclasses.replace(request, instances=1)  # the baseline: one instance, all cores
-    if batch is not None or request.batch is not None:
-        return make_plan(machine, dataclasses.replace(request, batch=batch if batch is not None else request.batch))
-    n = len(make_plan(machine, request).instances)
-    return make_plan(machine, dataclasses.replace(request, batch=n * math.ceil(DEFAULT_BATCH / n)))

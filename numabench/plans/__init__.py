@@ -1,4 +1,5 @@
 """Plans: which CPUs, memory nodes, threads, batch share and sequence range each instance gets."""
+from numabench.plans.launchplan import DEFAULT_BATCH, plan_for_launch
 from numabench.plans.model import (
     PLAN_VERSION,
     InstancePlan,
@@ -15,6 +16,7 @@ from numabench.plans.yamlio import dump_plan, load_plan
 
 __all__ = [
     "BUILTIN_PRESETS",
+    "DEFAULT_BATCH",
     "PLAN_VERSION",
     "DispatchTier",
     "InstancePlan",
@@ -27,6 +29,7 @@ __all__ = [
     "load_preset",
     "make_plan",
     "parse_preset",
+    "plan_for_launch",
     "render_plan",
     "split_batch",
     "validate_plan",

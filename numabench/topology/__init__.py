@@ -66,14 +66,15 @@ def compare_with_lscpu(m: Machine, ref: Machine) -> list[str]:
     return out
 
 
-def read_machine(root: str | os.PathLike = "/", *, lscpu_text: str | None = None) -> Machine:
+def read_machine(root: str | os.PathLike = "/", *, lscpu_text: str | None = None,
+                 lscpu_source: str | None = None) -> Machine:
     """Read the machine under `root` ("/" = the live system and this process's affinity).
 
     With `lscpu_text` (`lscpu -p` output), CPUs without sysfs topology files are filled in from it
     and every disagreement with sysfs is added to Machine.warnings.
     Raises TopologyError, naming the file, where the tree cannot be read.
     """
-    ref = parse_lscpu(lscpu_text) if lscpu_text is not None else None
+    ref = parse_lscpu(lscpu_text, source=lscpu_source or "lscpu") if lscpu_text is not None else None
     m = read_sysfs(root, fallback=ref)
     if ref is None:
         return m

@@ -19,7 +19,6 @@ from numabench.errors import NumabenchError
 
 PRECISIONS = ("fp32", "bf16", "int8")
 BACKENDS = frozenset({"pytorch", "noop", "onnxruntime"})
-RESERVED_BACKENDS: frozenset[str] = frozenset()  # named in the design, not implemented yet
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 # Which precisions each backend runs, and the options it accepts (name -> type), so the launcher
@@ -84,9 +83,6 @@ class Backend(abc.ABC):
 
 def check_backend(backend: str, precision: str, options: Mapping[str, Any] | None = None) -> None:
     """Raise NumabenchError for an unknown backend or precision, or a combination not supported."""
-    if backend in RESERVED_BACKENDS:
-        raise NumabenchError(
-            f"backend {backend!r} is not implemented yet; available: {', '.join(sorted(BACKENDS))}")
     if backend not in BACKENDS:
         raise NumabenchError(
             f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
@@ -119,6 +115,8 @@ def check_options(backend: str, options: Mapping[str, Any]) -> None:
         # bool is an int in Python; refuse it where an int is meant, and vice versa.
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise NumabenchError(f"backend option {key!r} must be {want.__name__}, got {value!r}")
+        if want is int and value < 0:  # counts and durations
+            raise NumabenchError(f"backend option {key!r} cannot be negative, got {value!r}")
         choices = OPTION_CHOICES.get((backend, key))
         if choices is not None and value not in choices:
             raise NumabenchError(f"backend option {key!r} must be one of {', '.join(choices)}, "

@@ -1,0 +1,57 @@
+"""What a launch runs (Workload) and how (LaunchOptions), with their defaults and bounds.
+
+Kept apart from launch.py and free of heavy imports so the command line can take its choices
+and defaults from here without loading numpy or ZeroMQ.
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("split", "throughput")
+TRANSPORTS = ("ipc", "tcp")
+DEFAULT_ITERATIONS = 20
+DEFAULT_READY_TIMEOUT_S = 600.0
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+RESULTS_FILE = "results.json"
+# Bounds that catch typos before any process starts (a week of measuring, a billion requests).
+MAX_DURATION_S = 7 * 24 * 3600.0
+MAX_ITERATIONS = 1_000_000_000
+MAX_REPEAT = 1000
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a closed terminal stops a run like kill does
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What each instance runs, and for how long."""
+
+    model: str = "bert-base-cased"
+    backend: str = "pytorch"
+    precision: str = "fp32"
+    seq: int = 128
+    mode: str = "split"
+    iterations: int | None = None  # split: steps; throughput: requests per instance
+    duration_s: float | None = None
+    warmup: int = 3
+    seed: int = 0
+    text_file: str | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How instances are started and where results go."""
+
+    binder: str = "auto"
+    allocator: str = "default"
+    transport: str = "ipc"
+    run_dir: Path | None = None
+    output: Path | None = None
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    grace_s: float = 5.0
+    progress: bool | None = None  # None: only when stderr is a terminal
+    path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
+    repeat: int = 1  # launch --repeat: that many runs, fresh workers each, RUN_DIR/rep-<k>/
