@@ -7,12 +7,13 @@ checks its workload, naming the point in any error.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from numabench.errors import NumabenchError
-from numabench.experiments.spec import AUTO, Experiment, ExperimentError
+from numabench.experiments.spec import AUTO, MAX_POINTS, Experiment, ExperimentError
 from numabench.plans.model import Plan
 from numabench.topology.model import Machine
 
@@ -161,6 +162,11 @@ def expand(exp: Experiment, machine: Machine) -> tuple[Point, ...]:
                   for s in (False, True)]
     else:  # grid
         shapes = [(b, n, c, s) for b in exp.batches for n, c in _instance_shapes(exp, machine) for s in exp.smt]
+    total = exp.repetitions * len(shapes) * math.prod(
+        len(axis) for axis in (exp.models, exp.backends, exp.precisions, exp.seqs))
+    if total > MAX_POINTS:  # counted before any point is made: a typo must not fill memory
+        raise ExperimentError(f"{total} points is more than {MAX_POINTS}: shorten an axis or "
+                              "lower repetitions", where=exp.where("repetitions"))
     points = []
     for rep in range(exp.repetitions):
         for model, backend, precision, seq in itertools.product(exp.models, exp.backends,

@@ -27,8 +27,9 @@ from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
 from numabench.experiments.points import Point, expand, physical_cores, validate_points
 from numabench.experiments.spec import Experiment, ExperimentError, load_experiment
-from numabench.launcher.launch import LaunchOptions, RunInterrupted, run_launch
-from numabench.results import write_json_atomic
+from numabench.fileio import check_output_dir, write_json_atomic, write_text_atomic
+from numabench.launcher.launch import STOP_SIGNALS, LaunchOptions, RunInterrupted, run_launch
+from numabench.plans.yamlio import read_yaml_file
 from numabench.topology.model import Machine
 
 MANIFEST_SCHEMA = "numabench.sweep"
@@ -93,8 +94,17 @@ def _machine_summary(machine: Machine) -> dict[str, Any]:
             "nodes": [n.id for n in machine.nodes if n.cpus]}
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
+def _stop_signal(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _hold_signals() -> None:
+    """While the manifest is written after an interrupt: later signals wait (ignored)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class _Sweep:
@@ -144,6 +154,7 @@ class _Sweep:
         self.entries[p.id] = e
 
     def run_point(self, k: int, p: Point, plan) -> dict[str, Any]:
+        """Launch one point and save its results file; raises what the launch raised."""
 
         run_dir = self.out_dir / RUNS_DIR / p.id
         if run_dir.exists():  # an earlier failed or interrupted attempt: keep its logs aside
@@ -152,9 +163,10 @@ class _Sweep:
                 attempt += 1
             run_dir.rename(run_dir.with_name(f"{p.id}.attempt-{attempt}"))
         opts = replace(self.launch_opts, run_dir=run_dir, output=None)
-        doc = run_launch(self.machine, plan, p.workload(), opts)
-        doc["experiment"] = {"name": self.exp.name, "kind": self.exp.kind, "point_id": p.id,
-                             "index": k, "total": len(self.points), "point": p.to_dict()}
+        result = run_launch(self.machine, plan, p.workload(), opts)
+        doc = replace(result, experiment={
+            "name": self.exp.name, "kind": self.exp.kind, "point_id": p.id, "index": k,
+            "total": len(self.points), "point": p.to_dict()}).to_dict()
         write_json_atomic(point_file(self.out_dir, p), doc)
         return doc
 
@@ -162,6 +174,7 @@ class _Sweep:
         try:
             return self._run(resume)
         except KeyboardInterrupt:  # between points: everything finished is already saved
+            _hold_signals()
             for p in self.points:
                 if self.entries.get(p.id, {}).get("status") == "running":
                     self.entries[p.id]["status"] = "interrupted"
@@ -172,7 +185,7 @@ class _Sweep:
 
     def _run(self, resume: bool) -> SweepOutcome:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "experiment.yaml").write_text(self.experiment_text)
+        write_text_atomic(self.out_dir / "experiment.yaml", self.experiment_text)
         if resume:
             self.load_previous()
         todo = []
@@ -189,6 +202,20 @@ class _Sweep:
                  + (f", {len(skipped)} already finished (skipped)" if skipped else "")
                  + f"; results in {self.out_dir}")
         self.write_manifest("running")
+        try:
+            return self._points(todo, skipped, total)
+        except BaseException as exc:
+            # whatever stopped the loop, the manifest must not stay "running"
+            _hold_signals()
+            stopped = isinstance(exc, (KeyboardInterrupt, SweepInterrupted))
+            for e in self.entries.values():
+                if e.get("status") == "running":
+                    e["status"] = "interrupted" if stopped else "failed"
+                    e.setdefault("error", f"the sweep stopped: {type(exc).__name__}: {exc}"[:500])
+            self.write_manifest("interrupted" if stopped else "failed")
+            raise
+
+    def _points(self, todo: list[int], skipped: tuple[str, ...], total: int) -> SweepOutcome:
         ran, failed, durations = [], [], []
         done = len(skipped)
         for k in todo:
@@ -199,18 +226,21 @@ class _Sweep:
             t0 = self.clock()
             try:
                 doc = self.run_point(k, p, self.plans[k])
-            except (KeyboardInterrupt, RunInterrupted):
-                self.entry(k, p, "interrupted", error="interrupted by the user")
+            except (KeyboardInterrupt, RunInterrupted) as e:
+                _hold_signals()  # a second Ctrl-C must not cut the manifest short
+                how = str(e).split(":")[0] if isinstance(e, RunInterrupted) else "interrupted"
+                self.entry(k, p, "interrupted", error=how)
                 self.write_manifest("interrupted")
                 raise SweepInterrupted(
                     f"interrupted: {done} of {total} points finished and saved in {self.out_dir}; "
                     "run the same command with --resume to finish") from None
-            except NumabenchError as e:
+            except Exception as e:  # noqa: BLE001 - one point's failure, even a bug, is that point's
                 seconds = self.clock() - t0
-                self.entry(k, p, "failed", error=str(e), seconds=round(seconds, 3))
+                error = str(e) if isinstance(e, NumabenchError) else f"{type(e).__name__}: {e}"
+                self.entry(k, p, "failed", error=error, seconds=round(seconds, 3))
                 self.write_manifest("running")
                 failed.append(p.id)
-                self.say(f"  failed after {_fmt_s(seconds)}: {str(e).splitlines()[0]}")
+                self.say(f"  failed after {_fmt_s(seconds)}: {(error.splitlines() or [''])[0]}")
                 continue
             seconds = self.clock() - t0
             durations.append(seconds)
@@ -236,26 +266,31 @@ def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path
     """Run (or resume) a sweep; raises SweepInterrupted on Ctrl-C / SIGTERM, LaunchError when
     points failed (after running all the others)."""
     experiment_file = Path(experiment_file)
+    experiment_text = read_yaml_file(experiment_file, "experiment", ExperimentError)
     exp, points, plans = plan_sweep(experiment_file, machine)
     out = Path(out_dir) if out_dir is not None else Path("results") / exp.name
+    check_output_dir(out, "sweep folder")
     if (out / MANIFEST).exists() and not resume:
         raise ExperimentError(f"{out} already holds a sweep; add --resume to finish it, or choose "
                               "another folder with -o")
     if out.exists() and not out.is_dir():
         raise ExperimentError(f"{out} exists and is not a folder")
     opts = launch_opts or LaunchOptions()
-    sweep = _Sweep(machine, exp, experiment_file.read_text(), points, plans, out, opts,
+    sweep = _Sweep(machine, exp, experiment_text, points, plans, out, opts,
                    stream or sys.stderr, clock)
-    # SIGTERM between points stops the sweep as cleanly as Ctrl-C (run_launch handles it inside).
+    # SIGTERM or SIGHUP between points stops the sweep as cleanly as Ctrl-C (run_launch handles
+    # them inside a point).
     import threading
 
     main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _sigterm) if main else None
+    saved = {sig: signal.signal(sig, _stop_signal) for sig in STOP_SIGNALS} if main else {}
+    if main:
+        saved[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
         outcome = sweep.run(resume)
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     if outcome.failed:
         raise LaunchError(f"{len(outcome.failed)} of {outcome.total} points failed "
                           f"({', '.join(outcome.failed[:5])}{', ...' if len(outcome.failed) > 5 else ''}); "

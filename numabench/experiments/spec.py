@@ -8,7 +8,9 @@ error names the file, the line and the field just as a plan error does:
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,13 @@ KIND_HELP = {
     "smt": "compares smt off and on itself; use 'instances' and 'cores_per_instance'",
     "grid": "use 'instances' and/or 'cores_per_instance'",
 }
+# Bounds that catch typos while reading, before anything expands or runs.
+MAX_REPETITIONS = 1000
+MAX_POINTS = 10_000
+MAX_ITERATIONS = 1_000_000_000
+MAX_DURATION_S = 7 * 24 * 3600.0
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@=, -]{0,99}$")
+
 DEFAULTS = {"model": "bert-base-cased", "backend": "pytorch", "precision": "fp32", "seq": 128,
             "batch": 8, "mode": "split", "warmup": 3, "repetitions": 1, "seed": 0}
 
@@ -139,8 +148,9 @@ class _ExperimentReader(YamlReader):
         value = self.scalar(node, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(path, f"expected a number of seconds, got {value!r} ({type_name(value)})")
-        if value <= 0:
-            raise self.fail(path, f"must be positive, not {value}")
+        if not (math.isfinite(value) and 0 < value <= MAX_DURATION_S):
+            raise self.fail(path, f"must be a positive number of seconds, at most "
+                                  f"{MAX_DURATION_S:.0f} (a week), not {value}")
         return float(value)
 
     def experiment(self, root, default_name: str) -> Experiment:
@@ -158,6 +168,10 @@ class _ExperimentReader(YamlReader):
 
         out: dict[str, Any] = {"kind": kind, "version": EXPERIMENT_VERSION}
         out["name"] = self.text(doc["name"], "name") if "name" in doc else default_name
+        if not _SAFE_NAME.match(out["name"]):
+            # it names the default output folder (results/<name>): it must stay inside it
+            raise self.fail("name" if "name" in doc else "", f"name {out['name'][:60]!r} cannot be a "
+                            "folder name: use letters, digits and . _ - (no / and no leading .)")
         if "description" in doc:
             out["description"] = self.string(doc["description"], "description")
         if "model" in doc:
@@ -191,7 +205,8 @@ class _ExperimentReader(YamlReader):
         if "mode" in doc:
             out["mode"] = self.choice(doc["mode"], "mode", MODES, "mode")
         if "iterations" in doc:
-            out["iterations"] = self.integer(doc["iterations"], "iterations", minimum=1)
+            out["iterations"] = self.integer(doc["iterations"], "iterations", minimum=1,
+                                             maximum=MAX_ITERATIONS)
         if "duration" in doc:
             if "iterations" in doc:
                 raise self.fail("duration", "give iterations or duration, not both")
@@ -199,9 +214,10 @@ class _ExperimentReader(YamlReader):
         if "warmup" in doc:
             out["warmup"] = self.integer(doc["warmup"], "warmup", minimum=0)
         if "repetitions" in doc:
-            out["repetitions"] = self.integer(doc["repetitions"], "repetitions", minimum=1)
+            out["repetitions"] = self.integer(doc["repetitions"], "repetitions", minimum=1,
+                                              maximum=MAX_REPETITIONS)
         if "seed" in doc:
-            out["seed"] = self.integer(doc["seed"], "seed", minimum=0)
+            out["seed"] = self.integer(doc["seed"], "seed", minimum=0, maximum=2**32 - 1)
         if "backend_options" in doc:
             node = doc["backend_options"]
             if not isinstance(node, yaml.MappingNode):

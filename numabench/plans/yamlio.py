@@ -157,7 +157,8 @@ class YamlReader:
             raise self.fail(path, f"cannot read the value {node.value[:40]!r} "
                                   f"({node.tag}): {str(e).splitlines()[0][:80]}") from None
 
-    def integer(self, node, path: str, *, minimum: int | None = None, allow_none: bool = False):
+    def integer(self, node, path: str, *, minimum: int | None = None, maximum: int | None = None,
+                allow_none: bool = False):
         value = self.scalar(node, path)
         if value is None and allow_none:
             return None
@@ -165,6 +166,8 @@ class YamlReader:
             raise self.fail(path, f"expected an integer, got {value!r} ({type_name(value)})")
         if minimum is not None and value < minimum:
             raise self.fail(path, f"must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(path, f"must be at most {maximum}, not {value}")
         return value
 
     def string(self, node, path: str):
