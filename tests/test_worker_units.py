@@ -192,9 +192,10 @@ def test_config_needs_keys():
 
 # ---- /proc readers ----
 
-def test_parse_cpu_list():
-    assert worker.parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
-    assert worker.parse_cpu_list("") == []
+def test_worker_reads_cpu_lists_with_the_one_parser(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nMems_allowed_list:\t0-1,3\n")
+    assert worker.read_mems_allowed(str(status)) == [0, 1, 3]
 
 
 def test_read_mems_allowed(tmp_path):

@@ -59,11 +59,6 @@ class ProcessGroup:
         """Workers that have ended, in instance order."""
         return [Exited(i, p.returncode) for i, p in sorted(self.procs.items()) if p.poll() is not None]
 
-    def failed(self, expected_clean: frozenset[int] = frozenset()) -> list[Exited]:
-        """Workers that ended when they should not have (any exit outside `expected_clean`,
-        or a non-zero exit of those)."""
-        return [e for e in self.exited() if e.instance not in expected_clean or e.returncode != 0]
-
     def tail(self, instance: int, lines: int = 15) -> str:
         try:
             with open(self.log_path(instance), "rb") as f:

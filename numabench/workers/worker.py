@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
+# The one CPU-list parser; stdlib only, like everything this module imports before pinning.
+from numabench.topology.cpulist import parse_cpulist
 from numabench.workers.config import ConfigError, WarmupSpec, WorkerConfig, _is_int  # noqa: F401  (re-exported)
 
 EXIT_OK = 0
@@ -61,23 +63,12 @@ def set_parent_death_signal() -> bool:
         return False
 
 
-def parse_cpu_list(text: str) -> list[int]:
-    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def read_mems_allowed(status_path: str = "/proc/self/status") -> list[int] | None:
     try:
         with open(status_path) as f:
             for line in f:
                 if line.startswith("Mems_allowed_list:"):
-                    return parse_cpu_list(line.split(":", 1)[1])
+                    return list(parse_cpulist(line.split(":", 1)[1]))
     except OSError:
         pass
     return None
@@ -138,7 +129,7 @@ def _mempolicy_numa_maps(path: str = "/proc/self/numa_maps") -> dict[str, Any] |
     mode, _, nodes = first[1].partition(":")
     mode = {"prefer": "preferred", "prefer (many)": "preferred_many"}.get(mode, mode)
     try:
-        node_list = parse_cpu_list(nodes) if nodes else []
+        node_list = list(parse_cpulist(nodes)) if nodes else []
     except ValueError:
         node_list = []
     return {"mode": mode, "nodes": node_list, "flags": [], "source": "numa_maps"}

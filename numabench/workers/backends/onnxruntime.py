@@ -21,7 +21,7 @@ from numabench.workers.backends import Backend, check_options, onnx_cache
 
 def thread_affinities(task_dir: str = "/proc/self/task") -> dict[int, list[int]]:
     """Allowed CPUs of every thread of this process: {tid: [cpus]} (Cpus_allowed_list)."""
-    from numabench.workers.worker import parse_cpu_list
+    from numabench.topology.cpulist import parse_cpulist
 
     out: dict[int, list[int]] = {}
     for tid in os.listdir(task_dir):
@@ -29,7 +29,7 @@ def thread_affinities(task_dir: str = "/proc/self/task") -> dict[int, list[int]]
             with open(os.path.join(task_dir, tid, "status")) as f:
                 for line in f:
                     if line.startswith("Cpus_allowed_list:"):
-                        out[int(tid)] = parse_cpu_list(line.split(":", 1)[1])
+                        out[int(tid)] = list(parse_cpulist(line.split(":", 1)[1]))
                         break
         except OSError:  # the thread ended while we read
             continue
