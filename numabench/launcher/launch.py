@@ -305,6 +305,20 @@ class _Run:
                     self.progress.update(f"measuring: {sum(done.values())} requests")
         self.progress.done()
 
+    def stalled(self) -> str:
+        """Which instances a measuring timeout waited on: those with the fewest replies (in
+        split mode exactly the ones that did not answer the current step)."""
+        counts = {i.id: 0 for i in self.plan.instances}
+        for s in self.samples:
+            counts[s.instance] += 1
+        low = min(counts.values())
+        late = [i for i, c in counts.items() if c == low]
+        return (f"no reply from instance{'s' if len(late) > 1 else ''} "
+                f"{', '.join(map(str, late))} ({low} replies so far"
+                + (f"; the others {max(counts.values())}" if len(late) < len(counts) else "")
+                + f"); a hung worker? see {self.run_dir}/instance-{late[0]}.log; "
+                "--request-timeout sets this wait")
+
     # --- record --------------------------------------------------------------------------
 
     def document(self, status: str, error: str | None = None,
@@ -430,6 +444,9 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
                     raise
                 except NumabenchError as e:
                     error = str(e)
+                    if run.window_start_ns is not None and "timed out" in error:
+                        error = f"{error}\n{run.stalled()}"
+                        raise LaunchError(error) from None
                     raise
                 except KeyboardInterrupt as e:
                     stops.hold()
