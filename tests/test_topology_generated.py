@@ -354,3 +354,61 @@ def test_no_numa_folder_means_one_node(tmp_path):
     m = read_machine(root)
     assert [(n.id, n.cpus, n.memory_bytes) for n in m.nodes] == [(0, (0, 1), 1 << 20)]
     assert any("no NUMA nodes" in w for w in m.warnings)
+
+
+# ---- issue 10: trees a batch scheduler or a broken capture produce --------------------------
+
+
+def test_a_cpu_in_two_nodes_is_an_error_naming_both(tmp_path):
+    root = write_sysfs_tree(tmp_path, sockets=2, cores_per_node=2)
+    (root / "sys/devices/system/node/node1/cpulist").write_text("0-1,3\n")
+    with pytest.raises(TopologyError, match=r"node0/cpulist and .*node1/cpulist both list CPU 0.*"
+                                            r"nodes 0 and 1"):
+        read_machine(root)
+
+
+def _v1_cpuset_job(root, mount_line: str, files: dict[str, str], cgroup: str = "/job") -> None:
+    (root / "proc/self/cgroup").write_text(f"3:cpuset:{cgroup}\n")
+    (root / "proc/self/mounts").write_text(mount_line + "\n")
+    job = root / "sys/fs/cgroup/cpuset/job"
+    job.mkdir(parents=True)
+    for name, text in files.items():
+        (job / name).write_text(text)
+
+
+def test_cgroup_v1_cpuset_mounted_with_noprefix(tmp_path):
+    root = write_sysfs_tree(tmp_path, sockets=2, cores_per_node=2)
+    _v1_cpuset_job(root, "cgroup /sys/fs/cgroup/cpuset cgroup rw,relatime,cpuset,noprefix 0 0",
+                   {"cpus": "1,3\n", "mems": "1\n"})
+    m = read_machine(root)
+    assert m.cpus_usable == (1, 3) and m.nodes_usable == (1,)
+
+
+def test_legacy_cpuset_filesystem(tmp_path):
+    root = write_sysfs_tree(tmp_path, sockets=2, cores_per_node=2)
+    _v1_cpuset_job(root, "cpuset /sys/fs/cgroup/cpuset cpuset rw,relatime 0 0",
+                   {"cpus": "2\n", "mems": "0\n"})
+    (root / "proc/self/cgroup").unlink()  # old kernels: only /proc/self/cpuset
+    (root / "proc/self/cpuset").write_text("/job\n")
+    m = read_machine(root)
+    assert m.cpus_usable == (2,) and m.nodes_usable == (0,)
+
+
+def test_mountinfo_subtree_mount_and_noprefix_in_super_options(tmp_path):
+    """A container sees its own cgroup (/slurm/job) mounted at the hierarchy's mount point:
+    mountinfo's root field says so, and cpuset/noprefix are superblock options there."""
+    root = write_sysfs_tree(tmp_path, sockets=2, cores_per_node=2)
+    _v1_cpuset_job(root, "", {"cpus": "0-1\n", "mems": "0\n"}, cgroup="/slurm/job")
+    (root / "proc/self/mountinfo").write_text(
+        "30 25 0:26 /slurm /sys/fs/cgroup/cpuset rw,nosuid shared:9 - cgroup cgroup "
+        "rw,cpuset,noprefix\n")
+    m = read_machine(root)
+    assert m.cpus_usable == (0, 1) and m.nodes_usable == (0,)
+
+
+@pytest.mark.parametrize("online", ["0-99999999999", "0-8192", "9" * 5000])
+def test_online_list_beyond_the_kernel_limit_is_refused_before_expanding(tmp_path, online):
+    root = write_sysfs_tree(tmp_path, cores_per_node=2)
+    (root / CPU / "online").write_text(online + "\n")
+    with pytest.raises(TopologyError, match="online: .*beyond the kernel's limit of 8192 CPUs"):
+        read_machine(root)

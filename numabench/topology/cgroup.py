@@ -1,7 +1,9 @@
 """The process's cgroup limits: cpuset CPUs and memory nodes, and the cpu.max quota.
 
 The cgroup is found as the kernel shows it: /proc/self/cgroup (or the older /proc/self/cpuset)
-names the path, /proc/self/mounts names where each hierarchy is mounted. Mount points are
+names the path, /proc/self/mountinfo (else /proc/self/mounts) where each hierarchy is mounted
+and which of its folders. A v1 cpuset mounted with `noprefix`, or as the legacy `cpuset`
+filesystem, names its files `cpus` and `mems` instead of `cpuset.cpus` and `cpuset.mems`. Mount points are
 absolute paths inside the tree, so they are resolved under the root prefix.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Mount:
     point: str
     fstype: str
     options: frozenset[str]
+    root: str = "/"  # the hierarchy's folder mounted there (mountinfo; a container's own cgroup)
 
 
 def _unescape(field: str) -> str:
@@ -40,6 +43,23 @@ def parse_mounts(text: str) -> list[Mount]:
         parts = line.split()
         if len(parts) >= 4:
             mounts.append(Mount(_unescape(parts[1]), parts[2], frozenset(parts[3].split(","))))
+    return mounts
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """/proc/self/mountinfo: `id parent dev root point options [tags] - fstype source super-options`.
+    Options are the mount's and the superblock's together (cgroup v1 puts `cpuset` and
+    `noprefix` in the latter)."""
+    mounts = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        parts, rest = head.split(), tail.split()
+        if not sep or len(parts) < 6 or not rest:
+            continue
+        options = set(parts[5].split(","))
+        if len(rest) >= 3:
+            options |= set(rest[2].split(","))
+        mounts.append(Mount(_unescape(parts[4]), rest[0], frozenset(options), _unescape(parts[3])))
     return mounts
 
 
@@ -71,9 +91,14 @@ def _read(root: Path, rel: str, warnings: list[str]) -> str | None:
         return None
 
 
-def _chain(mount_point: str, cgroup_path: str) -> list[str]:
-    """The cgroup's folder and its ancestors up to the mount point, deepest first."""
-    rel = posixpath.normpath("/" + cgroup_path.strip()).lstrip("/")
+def _chain(mount_point: str, cgroup_path: str, mount_root: str = "/") -> list[str]:
+    """The cgroup's folder and its ancestors up to the mount point, deepest first. A mount of
+    a subtree (mountinfo root /docker/abc) holds the cgroup /docker/abc/x at <point>/x."""
+    path = posixpath.normpath("/" + cgroup_path.strip())
+    root = posixpath.normpath("/" + mount_root.strip())
+    if root != "/" and (path == root or path.startswith(root + "/")):
+        path = path[len(root):] or "/"
+    rel = path.lstrip("/")
     parts = [p for p in rel.split("/") if p and p != ".."]
     return [posixpath.join(mount_point, *parts[:i]) for i in range(len(parts), -1, -1)]
 
@@ -128,10 +153,14 @@ def _quota_v1(root: Path, dirs: list[str], warnings: list[str]) -> float | None:
 
 def read_cgroup_limits(root: Path, warnings: list[str]) -> CgroupLimits:
     """Limits of the process whose /proc/self lies under `root`; missing files mean no limit."""
-    mounts_text = _read(root, "proc/self/mounts", warnings) or _read(root, "proc/mounts", warnings)
-    if mounts_text is None:
-        return CgroupLimits()
-    mounts = parse_mounts(mounts_text)
+    info_text = _read(root, "proc/self/mountinfo", warnings)
+    if info_text is not None and info_text.strip():
+        mounts = parse_mountinfo(info_text)
+    else:
+        mounts_text = _read(root, "proc/self/mounts", warnings) or _read(root, "proc/mounts", warnings)
+        if mounts_text is None:
+            return CgroupLimits()
+        mounts = parse_mounts(mounts_text)
     cgroup_text = _read(root, "proc/self/cgroup", warnings)
     v2_path, v1 = parse_proc_cgroup(cgroup_text) if cgroup_text is not None else (None, {})
     if cgroup_text is None:
@@ -153,16 +182,16 @@ def read_cgroup_limits(root: Path, warnings: list[str]) -> CgroupLimits:
     v1_cpu = next((m for m in mounts if m.fstype == "cgroup" and "cpu" in m.options), None)
     v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
     if v1_cpuset is not None and "cpuset" in v1:
-        dirs = _chain(v1_cpuset.point, v1["cpuset"])
+        dirs = _chain(v1_cpuset.point, v1["cpuset"], v1_cpuset.root)
         prefix = "" if v1_cpuset.fstype == "cpuset" or "noprefix" in v1_cpuset.options else "cpuset."
         cpus = _first_list(root, dirs, (f"{prefix}effective_cpus", f"{prefix}cpus"), warnings)
         mems = _first_list(root, dirs, (f"{prefix}effective_mems", f"{prefix}mems"), warnings)
     elif v2 is not None and v2_path is not None:
-        dirs = _chain(v2.point, v2_path)
+        dirs = _chain(v2.point, v2_path, v2.root)
         cpus = _first_list(root, dirs, ("cpuset.cpus.effective",), warnings)
         mems = _first_list(root, dirs, ("cpuset.mems.effective",), warnings)
     if v1_cpu is not None and "cpu" in v1:
-        quota = _quota_v1(root, _chain(v1_cpu.point, v1["cpu"]), warnings)
+        quota = _quota_v1(root, _chain(v1_cpu.point, v1["cpu"], v1_cpu.root), warnings)
     elif v2 is not None and v2_path is not None:
-        quota = _quota_v2(root, _chain(v2.point, v2_path), warnings)
+        quota = _quota_v2(root, _chain(v2.point, v2_path, v2.root), warnings)
     return CgroupLimits(cpus=cpus, mems=mems, quota=quota)
