@@ -45,7 +45,13 @@ def read_text(path: str | os.PathLike, what: str = "file", *, allow_empty: bool 
         if os.path.isdir(p):
             raise IsADirectoryError(errno.EISDIR, "is a folder", p)
         with open(p, "rb") as f:
-            data = f.read(max_bytes + 1)
+            # in chunks: read(max_bytes + 1) would allocate the whole bound up front, and
+            # procfs/sysfs files report a size of 0 or 4096 whatever they hold
+            chunks, size = [], 0
+            while size <= max_bytes and (chunk := f.read(1 << 16)):
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
     except OSError as e:
         raise FileReadError(f"{p}: cannot read {what}: {_reason(e)}") from None
     if len(data) > max_bytes:

@@ -212,6 +212,7 @@ def validate_points(points: tuple[Point, ...], machine: Machine, where: str) -> 
     from numabench.workers.backends import check_backend
 
     plans, errors = [], []
+    made: dict = {}  # plan request -> plan: repetitions and workload axes share plans
     for k, p in enumerate(points):
         try:
             if p.cores_per_instance == 0:
@@ -219,7 +220,10 @@ def validate_points(points: tuple[Point, ...], machine: Machine, where: str) -> 
                                      "drop this instance count or give more cores")
             if p.smt and not machine.smt:
                 raise NumabenchError(no_smt_message(machine))
-            plan = make_plan(machine, p.plan_request())
+            request = p.plan_request()
+            if request not in made:
+                made[request] = make_plan(machine, request)
+            plan = made[request]
             check_workload(plan, p.workload())
             check_backend(p.backend, p.precision, dict(p.backend_options))
             plans.append(plan)

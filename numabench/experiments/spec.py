@@ -47,8 +47,8 @@ KIND_HELP = {
     "grid": "use 'instances' and/or 'cores_per_instance'",
 }
 # Bounds that catch typos while reading, before anything expands or runs.
-MAX_REPETITIONS = 1000
-MAX_POINTS = 10_000
+MAX_REPETITIONS = 100
+MAX_POINTS = 1000  # days of measuring at a minute a point
 MAX_ITERATIONS = 1_000_000_000
 MAX_DURATION_S = 7 * 24 * 3600.0
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@=, -]{0,99}$")

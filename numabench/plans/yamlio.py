@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ def read_yaml_file(path: str | os.PathLike, what: str, error: type[PlanError] = 
 
 def compose(text: str, name: str, error: type[PlanError] = PlanError):
     """The YAML node tree of `text` (nodes keep their lines); invalid YAML raises `error` at its line."""
+    depth = _flow_depth(text)
+    if depth > MAX_FLOW_DEPTH:  # PyYAML's scanner slows quadratically with flow nesting
+        raise error(f"not valid YAML: brackets nested {depth} deep (at most {MAX_FLOW_DEPTH})",
+                    where=name)
     try:
         return yaml.compose(text)
     except yaml.YAMLError as e:
@@ -65,6 +70,20 @@ def compose(text: str, name: str, error: type[PlanError] = PlanError):
         raise error(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
     except RecursionError:  # thousands of nested brackets
         raise error("not valid YAML: nested too deeply", where=name) from None
+
+
+MAX_FLOW_DEPTH = 100
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest [ / { nesting (quotes ignored: a rough count that only has to be an
+    upper bound for real documents, which nest a few levels)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def dump_plan(plan: Plan) -> str:
