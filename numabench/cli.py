@@ -129,8 +129,8 @@ def _list_option(value, what):
     try:
         return parse_cpulist(value)
     except ValueError as e:
-        raise NumabenchError(f"--{what.lower()}s {value[:80]!r}: {e} (expected a list like "
-                             "0-3,8)") from None
+        raise NumabenchError(f"--{what.lower()}s {value[:80]!r} is not a {what} list like 0-3,8 "
+                             f"({e})") from None
 
 
 def planner_options(f):
