@@ -38,6 +38,7 @@ from numabench.results import (
     summary_to_dict,
     write_json_atomic,
 )
+from numabench.system.noise import NoiseRecorder
 from numabench.topology.model import Machine
 from numabench.workers import protocol
 
@@ -162,6 +163,7 @@ class _Run:
         self.env_info: dict[str, Any] = {}
         self.prepared: Any = None  # backends.Preparation, when the backend prepares (onnxruntime)
         self.window_start_ns: int | None = None
+        self.noise = NoiseRecorder(plan.cpus)  # other processes on the plan's CPUs during the window
         self.started = _dt.datetime.now(_dt.timezone.utc)
 
     def log(self, message: str) -> None:
@@ -301,6 +303,7 @@ class _Run:
             return done < count if count is not None else time.monotonic_ns() < deadline
 
         self.log(f"measuring ({self.workload.mode} mode)")
+        self.noise.start()
         self.window_start_ns = time.monotonic_ns()
         if self.workload.mode == "split":
             step = 0
@@ -322,6 +325,7 @@ class _Run:
                     send(iid, done[iid])
                 if self.progress.enabled:  # the hot path: no formatting when nobody sees it
                     self.progress.update(f"measuring: {sum(done.values())} requests")
+        self.noise.stop()
         self.progress.done()
 
     # --- record --------------------------------------------------------------------------
@@ -347,7 +351,7 @@ class _Run:
             "machine": machine_to_dict(self.machine),
             "plan": yaml.safe_load(dump_plan(self.plan)),
             "workload": asdict(self.workload),
-            "environment": {**self.env_info, "versions": versions,
+            "environment": {**self.env_info, "versions": versions, "noise": self.noise.record(),
                             **({"backend": self.prepared.record} if self.prepared else {})},
             "instances": {
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
@@ -357,7 +361,7 @@ class _Run:
                 for i in self.plan.instances},
             "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(self.samples)},
             "summary": summary_to_dict(summary),
-            "warnings": self.warnings + list(summary.warnings),
+            "warnings": self.warnings + list(summary.warnings) + self.noise.warnings(),
         }
 
     def save(self, doc: dict[str, Any]) -> list[Path]:

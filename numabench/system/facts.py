@@ -166,7 +166,7 @@ def irqs(root: Path, cpus: tuple[int, ...], online: tuple[int, ...]) -> Fact:
     """IRQs delivered to the judged CPUs; only a warning when those are a part of the machine."""
     base = root / "proc/irq"
     try:
-        names = sorted((int(p.name) for p in base.iterdir() if p.name.isdigit()))
+        names = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
     except OSError:
         return Fact("IRQ affinity", "not readable", "unknown")
     on: list[int] = []

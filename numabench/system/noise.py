@@ -28,6 +28,7 @@ OTHER_SHARE = 0.10
 OTHER_MIN_S = 0.05
 STEAL_SHARE = 0.05
 TOP = 10  # processes kept in the record
+CMDLINE_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ProcTime:
     name: str
     cpu_s: float  # user + system, all threads
     affinity: tuple[int, ...]
+    cmdline: str = ""  # the first CMDLINE_CHARS characters: "python" alone names nothing
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def _procs(cpus: set[int], exclude: Callable[[int], bool]) -> tuple[dict, list[s
 
     out: dict[tuple[int, float], ProcTime] = {}
     errors: list[str] = []
-    for p in psutil.process_iter(["pid", "name", "create_time"]):
+    for p in psutil.process_iter(["pid", "name", "create_time", "cmdline"]):
         pid = p.info["pid"]
         if exclude(pid):
             continue
@@ -101,7 +103,8 @@ def _procs(cpus: set[int], exclude: Callable[[int], bool]) -> tuple[dict, list[s
         except psutil.AccessDenied:
             errors.append(f"pid {pid}: access denied")
             continue
-        out[(pid, p.info["create_time"] or 0.0)] = ProcTime(pid, p.info["name"] or "?", t.user + t.system, aff)
+        cmd = " ".join(p.info["cmdline"] or ())[:CMDLINE_CHARS]
+        out[(pid, p.info["create_time"] or 0.0)] = ProcTime(pid, p.info["name"] or "?", t.user + t.system, aff, cmd)
     return out, errors
 
 
@@ -152,7 +155,7 @@ def compare(start: Snapshot, end: Snapshot, cpus: Iterable[int]) -> tuple[dict[s
         others.append({"pid": p.pid, "name": p.name, "cpu_s": round(used, 3),
                        "on_plan_cpus_s": round(attributed, 3), "share": round(attributed / window_s, 4),
                        "pinned_to_plan_cpus": only_plan, "started_in_window": before is None,
-                       "affinity": _short(p.affinity)})
+                       "affinity": _short(p.affinity), "cmdline": p.cmdline})
     others.sort(key=lambda o: -o["on_plan_cpus_s"])
 
     warnings = []
@@ -199,6 +202,7 @@ class NoiseRecorder:
         self._start: Snapshot | None = None
         self._end: Snapshot | None = None
         self._error: str | None = None
+        self._record: dict[str, Any] | None = None
 
     def _take(self) -> Snapshot | None:
         try:
@@ -211,13 +215,20 @@ class NoiseRecorder:
         self._start = self._take()
 
     def stop(self) -> None:
-        if self._start is not None:
+        if self._start is not None and self._end is None:
             self._end = self._take()
 
     def record(self) -> dict[str, Any] | None:
-        if self._start is None or self._end is None:
-            return {"error": self._error} if self._error else None
-        return compare(self._start, self._end, self.cpus)[0]
+        """The window's record; a run that failed inside the window is closed here, and says so."""
+        if self._record is None:
+            ended_early = self._start is not None and self._end is None
+            self.stop()
+            if self._start is None or self._end is None:
+                return {"error": self._error} if self._error else None
+            self._record = compare(self._start, self._end, self.cpus)[0]
+            if ended_early:
+                self._record["window_closed"] = "when the results were written (the run stopped early)"
+        return self._record
 
     def warnings(self) -> list[str]:
         rec = self.record()
