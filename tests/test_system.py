@@ -211,3 +211,10 @@ def test_garbage_gives_unknown(tmp_path, rel, fact):
     root = tree(tmp_path)
     put(root, rel, b"\xff\xfe\x00 garbage \x9c\n")
     assert facts(read_system(root))[fact].verdict == "unknown"
+
+
+def test_a_huge_cpu_range_is_refused_not_expanded(tmp_path):
+    root = tree(tmp_path)
+    put(root, "proc/irq/11/effective_affinity_list", "0-4000000000\n")  # only `system` reads it
+    got = facts(read_system(root, cpus=(0,)))["IRQ affinity"]
+    assert got.data["readable"] == 1 and got.data["on_cpus"] == []  # irq 10 only: 11 was refused

@@ -18,6 +18,7 @@ CPU_DIR = "sys/devices/system/cpu"
 THP_DIR = "sys/kernel/mm/transparent_hugepage"
 _TOKEN = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 TUNE_FIX = "sudo numabench system tune"
+MAX_CPU = 1 << 16  # above any kernel's NR_CPUS
 
 # Load average above this many runnable tasks per online CPU (and at least LOAD_MIN) warns:
 # a quiet machine sits near 0; every runnable task beyond the benchmark's own competes for cores.
@@ -52,6 +53,8 @@ def cpus_file(root: Path, rel: str) -> tuple[int, ...] | None:
     t = text.strip()
     if t in ("", "(null)"):
         return ()
+    if any(int(n) > MAX_CPU for n in re.findall(r"\d+", t)):  # "0-4000000000" would fill memory
+        return None
     try:
         return parse_cpulist(t)
     except ValueError:
