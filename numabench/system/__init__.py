@@ -36,10 +36,11 @@ def read_system(root: str | os.PathLike = "/", cpus: tuple[int, ...] | None = No
         usable, nodes, n_nodes = online, (), 0
         facts.append(Fact("usable CPUs", "topology not readable", "unknown", why=str(e)))
     judged = tuple(sorted(cpus)) if cpus else tuple(usable)
-    outside = sorted(set(judged) - set(online)) if online else []
+    outside = sorted(set(judged) - set(usable)) if usable else []
     if outside:
-        facts.append(Fact("asked CPUs", f"{_fmt(outside)} not online", "fail",
-                          fix="choose CPUs from the online ones (numabench topology)"))
+        facts.append(Fact("asked CPUs", f"{_fmt(outside)} not usable here", "fail",
+                          why="offline, or outside this process's affinity or cgroup cpuset",
+                          fix="choose CPUs from the usable ones (numabench topology)"))
     facts += read_facts(root_p, judged, tuple(online))
     if live:
         from numabench.system.environment import read_environment
