@@ -4,19 +4,21 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 # The CPU build of torch. The pin makes pip take the CPU wheel already on disk on our machines;
 # elsewhere set TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" (see README).
+# constraints.txt holds the exact versions of everything else we develop and test with.
 TORCH       ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 TORCH_INDEX ?=
 EXTRAS      ?= test,onnx,minilm,plots,serve
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint wheel-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) $(TORCH_INDEX)
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q $(TORCH) $(TORCH_INDEX) -c $(CONSTRAINTS)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c $(CONSTRAINTS)
 	@command -v numactl >/dev/null || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq numactl) >/dev/null; \
@@ -32,6 +34,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check numabench tests benchmarks
+
+# Build the wheel and install it into a fresh venv that already holds torch; check torch is untouched.
+wheel-check: install
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" CONSTRAINTS=$(CONSTRAINTS) \
+	  BUILD_PY=$(PY) bash .ci/wheel_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -595,6 +595,89 @@ def compare_cmd(a_file, b_file, as_json):
         click.echo(render_comparison(a_file, a, b_file, b, rows))
 
 
+# ---- system ---------------------------------------------------------------------------------
+# (section owned by the system part)
+
+
+def system_show_options(f):
+    """`numabench system` and `numabench system show` take the same options."""
+    for option in reversed((
+        root_option,
+        click.option("--cpus", help="Judge these CPUs (a plan's, e.g. 0-3) instead of all usable ones."),
+        click.option("--interval", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
+                     help="Seconds to watch other processes' CPU time."),
+        click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON (docs/system.md)."),
+    )):
+        f = option(f)
+    return f
+
+
+@cli.group("system", invoke_without_command=True, subcommand_metavar="[show | tune | reset]")
+@system_show_options
+@click.pass_context
+def system_cmd(ctx, root, cpus, interval, as_json):
+    """What on this machine makes measurements noisy or binding fail, and the fix (also: tune, reset)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(system_show, root=root, cpus=cpus, interval=interval, as_json=as_json)
+
+
+@system_cmd.command("show")
+@system_show_options
+@user_errors
+def system_show(root, cpus, interval, as_json):
+    """Show each fact with a verdict (ok, warn, fail, unknown) and the fix."""
+    from numabench.system import read_system, render_report
+
+    report = read_system(root, _list_option(cpus, "CPU"), interval_s=interval)
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else render_report(report))
+
+
+def _print_tune(result, verb):
+    for c in result.changes:
+        click.echo(f"{c.label}: {c.before} -> {c.after}" + (f" ({c.note})" if c.note else ""))
+    for label in result.unchanged:
+        click.echo(f"{label}: already set")
+    for p in result.problems:
+        click.echo(f"note: {p}", err=True)
+    if not result.changes and not result.unchanged:
+        click.echo(f"nothing to {verb} here")
+
+
+state_option = click.option("--state-file", type=click.Path(dir_okay=False),
+                            help="Where tune saves the previous settings (default /run/numabench/system-tune.json, "
+                                 "inside the tree under --root).")
+
+
+@system_cmd.command("tune")
+@root_option
+@click.option("--thp", type=click.Choice(["never", "madvise", "always"]),
+              help="Also set transparent hugepages (default: leave them).")
+@state_option
+@user_errors
+def system_tune(root, thp, state_file):
+    """As root: governor performance, turbo off (and THP with --thp); `reset` restores them."""
+    from numabench.system.tune import tune
+
+    result = tune(root, thp=thp, state_file=state_file)
+    _print_tune(result, "tune")
+    if result.state_file:
+        click.echo(f"previous settings saved in {result.state_file}; `numabench system reset` restores them")
+
+
+@system_cmd.command("reset")
+@root_option
+@state_option
+@user_errors
+def system_reset(root, state_file):
+    """As root: restore what `numabench system tune` changed."""
+    from numabench.system.tune import reset
+
+    result = reset(root, state_file=state_file)
+    _print_tune(result, "reset")
+    if result.state_file:
+        click.echo(f"not everything was restored; what is left stays in {result.state_file}")
+
+
 def main():
     cli()
 

@@ -44,6 +44,7 @@ from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
 from numabench.plans.model import Plan
 from numabench.results import RunResult, Sample, summarize
+from numabench.system.noise import NoiseRecorder
 from numabench.topology.model import Machine
 from numabench.workers import protocol
 
@@ -141,6 +142,7 @@ class _Run:
         self.env_info: dict[str, Any] = {}
         self.prepared: Any = None  # backends.Preparation, when the backend prepares (onnxruntime)
         self.window_start_ns: int | None = None
+        self.noise = NoiseRecorder(plan.cpus)  # other processes on the plan's CPUs during the window
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.repetition: dict[str, Any] | None = None
 
@@ -282,6 +284,7 @@ class _Run:
             return done < count if count is not None else time.monotonic_ns() < deadline
 
         self.log(f"measuring ({self.workload.mode} mode)")
+        self.noise.start()
         self.window_start_ns = time.monotonic_ns()
         if self.workload.mode == "split":
             step = 0
@@ -303,6 +306,7 @@ class _Run:
                     send(iid, done[iid])
                 if self.progress.enabled:  # the hot path: no formatting when nobody sees it
                     self.progress.update(f"measuring: {sum(done.values())} requests")
+        self.noise.stop()
         self.progress.done()
 
     def stalled(self) -> str:
@@ -335,7 +339,7 @@ class _Run:
             created=self.started.isoformat(timespec="seconds"), command=tuple(sys.argv),
             run_dir=str(self.run_dir), machine=machine_to_dict(self.machine),
             plan=yaml.safe_load(dump_plan(self.plan)), workload=asdict(self.workload),
-            environment={**self.env_info, "versions": versions,
+            environment={**self.env_info, "versions": versions, "noise": self.noise.record(),
                          **({"backend": self.prepared.record} if self.prepared else {})},
             instances={
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
@@ -344,7 +348,8 @@ class _Run:
                                     if k not in ("type", "v", "arrays")}}
                 for i in self.plan.instances},
             window_start_ns=self.window_start_ns, samples=tuple(self.samples), summary=summary,
-            warnings=tuple(self.warnings) + summary.warnings, repetition=self.repetition)
+            warnings=tuple(self.warnings) + summary.warnings + tuple(self.noise.warnings()),
+            repetition=self.repetition)
 
     def save(self, result: RunResult) -> list[Path]:
         paths = [self.run_dir / RESULTS_FILE] + ([Path(self.opts.output)] if self.opts.output else [])
