@@ -28,6 +28,7 @@ from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
 from numabench.plans.model import Plan
+from numabench.workers.backends import release_preparation
 from numabench.results import (
     RESULTS_SCHEMA,
     RESULTS_VERSION,
@@ -59,6 +60,7 @@ class Workload:
     seed: int = 0
     text_file: str | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)
+    share_weights: bool = True  # pytorch: one read-only weights copy per NUMA node (shared_weights.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class LaunchOptions:
     grace_s: float = 5.0
     progress: bool | None = None  # None: only when stderr is a terminal
     path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
+    keep_weights: bool = False  # keep the tmpfs weights copies for the next run
+    weights_dir: str | None = None  # where the per-node weights copies go (default /dev/shm/...)
+    weights_cache_dir: str | None = None  # the weights cache on disk (default ~/.cache/...)
 
 
 class RunInterrupted(LaunchError):
@@ -172,8 +177,12 @@ class _Run:
 
         w = self.workload
         self.progress.update(f"preparing the {w.backend} backend", force=True)
-        self.prepared = prepare_backend(w.backend, resolve_model(w.model), w.precision,
-                                        w.backend_options, seed=w.seed, log=self.log)
+        self.prepared = prepare_backend(
+            w.backend, resolve_model(w.model), w.precision, w.backend_options, seed=w.seed,
+            log=self.log, share_weights=w.share_weights,
+            node_sets=tuple({tuple(sorted(i.memory_nodes)) for i in self.plan.instances}),
+            weights_dir=self.opts.weights_dir, keep_weights=self.opts.keep_weights,
+            weights_cache_dir=self.opts.weights_cache_dir)
         if self.prepared is not None:
             self.warnings.extend(self.prepared.warnings)
 
@@ -187,7 +196,8 @@ class _Run:
                 precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
                 timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
-                options={**w.backend_options, **(self.prepared.options if self.prepared else {})})
+                options={**w.backend_options,
+                         **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {})})
             started = spawn.start_instance(group, binder, inst, cfg, preload)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
@@ -224,6 +234,16 @@ class _Run:
             if self.ready[inst.id].get("threads") not in (None, inst.threads):
                 self.warnings.append(f"instance {inst.id} runs {self.ready[inst.id]['threads']} "
                                      f"threads, the plan asked for {inst.threads}")
+
+    def sample_memory(self, stage: str) -> None:
+        """Each instance's RSS/PSS/private memory and its shared weights mapping, into its
+        results' "got" (got.memory.<stage>), with its start-up time (got.startup_s)."""
+        from numabench.launcher import memory
+
+        for iid, ready in self.ready.items():
+            path = (ready.get("backend_info") or {}).get("weights_path")
+            ready.setdefault("memory", {})[stage] = memory.sample(ready["pid"], [path] if path else [])
+            ready["startup_s"] = round((ready.get("load_ns", 0) + ready.get("warmup_ns", 0)) / 1e9, 3)
 
     # --- measure -------------------------------------------------------------------------
 
@@ -373,7 +393,9 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
                 run.prepare_backend()
                 run.spawn(group, coord)
                 run.wait_ready(coord)
+                run.sample_memory("ready")
                 run.measure(coord)
+                run.sample_memory("measured")
                 coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
                 group.wait_all(opts.grace_s)
             except WorkerFailed as e:
@@ -389,6 +411,7 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
             finally:
                 run.progress.done()
                 group.stop(opts.grace_s)
+                release_preparation(run.prepared)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
