@@ -28,7 +28,6 @@ from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
 from numabench.plans.model import Plan
-from numabench.workers.backends import release_preparation
 from numabench.results import (
     RESULTS_SCHEMA,
     RESULTS_VERSION,
@@ -40,6 +39,7 @@ from numabench.results import (
 )
 from numabench.topology.model import Machine
 from numabench.workers import protocol
+from numabench.workers.backends import release_preparation
 
 MODES = ("split", "throughput")
 DEFAULT_ITERATIONS = 20
@@ -240,7 +240,7 @@ class _Run:
         results' "got" (got.memory.<stage>), with its start-up time (got.startup_s)."""
         from numabench.launcher import memory
 
-        for iid, ready in self.ready.items():
+        for ready in self.ready.values():
             path = (ready.get("backend_info") or {}).get("weights_path")
             ready.setdefault("memory", {})[stage] = memory.sample(ready["pid"], [path] if path else [])
             ready["startup_s"] = round((ready.get("load_ns", 0) + ready.get("warmup_ns", 0)) / 1e9, 3)

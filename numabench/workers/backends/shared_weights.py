@@ -187,9 +187,7 @@ def save_model_file(model: Any, path: Path) -> int:
             continue
         seen[ident] = name
         tensors[name] = t.contiguous().clone() if not t.is_contiguous() else t
-    kinds = {name: "parameter" for name, _ in model.named_parameters(remove_duplicate=False)}
-    meta = {"numabench": json.dumps({"format": WEIGHTS_FORMAT, "aliases": aliases,
-                                     "buffers": sorted(n for n, _ in named if n not in kinds)})}
+    meta = {"numabench": json.dumps({"format": WEIGHTS_FORMAT, "aliases": aliases})}
     with torch.no_grad():
         data = _aligned_safetensors(save(tensors, metadata=meta))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -294,6 +292,7 @@ def write_copy(source: Path, dest: Path, sha256: str, nodes: Sequence[int]) -> N
     checking the bytes against `sha256`."""
     if nodes:
         set_mempolicy_bind(nodes)
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # a run ending now may remove it
     tmp = dest.with_name(dest.name + ".tmp")
     h = hashlib.sha256()
     try:
@@ -358,9 +357,20 @@ def remove_stale_copies(folder: Path, log: Callable[[str], None] | None = None) 
 
 
 def remove_copies(paths: Iterable[str | os.PathLike]) -> None:
+    """Remove per-run copies, then their folders (up to numabench-UID) when left empty."""
+    folders = set()
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
+        folders.add(Path(p).parent)
+    for folder in folders:
+        for f in (folder, folder.parent):
+            if not f.name.startswith(("numabench", "weights")):
+                break
+            try:
+                f.rmdir()
+            except OSError:  # not empty (kept copies, another run): leave it
+                break
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +404,8 @@ def prepare_shared_weights(spec: Any, seed: int, node_sets: Iterable[Sequence[in
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_copies(folder, say)
-        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        fs = os.statvfs(folder)
+        free = fs.f_bavail * fs.f_frsize
         need = entry.bytes * len(node_sets) + TMPFS_RESERVE_BYTES
         if not _is_tmpfs(folder.resolve()):
             fallback = f"{folder} is not on tmpfs"
@@ -412,25 +423,28 @@ def prepare_shared_weights(spec: Any, seed: int, node_sets: Iterable[Sequence[in
     copies = plan_copies(node_sets, folder, entry.path.stem, os.getpid(), keep)
     done: list[str] = []
     rows = []
+    # Kept copies are shared between runs: one writer at a time (the lock lives with the cache,
+    # so nothing is left on tmpfs).
     try:
-        for c in copies:
-            status = "written"
-            if not c.per_run and c.path.is_file():
-                if file_sha256(c.path) == entry.sha256:
-                    status = "reused"
-                else:
-                    status = "rewritten (corrupt)"
-                    warnings.append(f"kept weights copy {c.path} was corrupt; rewritten")
-            if status != "reused":
-                t1 = time.monotonic()
-                if c.per_run:
-                    done.append(str(c.path))
-                _write_in_child(entry.path, c.path, entry.sha256, c.nodes)
-                say(f"weights copy for {nodes_label(c.nodes)} written in {time.monotonic() - t1:.2f} s: "
-                    f"{c.path}")
-            rows.append({"nodes": list(c.nodes), "path": str(c.path), "cache": status,
-                         "kept": not c.per_run})
-    except BaseException:
+        with _locked(entry.path.with_suffix(".copies.lock")):
+            for c in copies:
+                status = "written"
+                if not c.per_run and c.path.is_file():
+                    if file_sha256(c.path) == entry.sha256:
+                        status = "reused"
+                    else:
+                        status = "rewritten (corrupt)"
+                        warnings.append(f"kept weights copy {c.path} was corrupt; rewritten")
+                if status != "reused":
+                    t1 = time.monotonic()
+                    if c.per_run:
+                        done.append(str(c.path))
+                    _write_in_child(entry.path, c.path, entry.sha256, c.nodes)
+                    say(f"weights copy for {nodes_label(c.nodes)} written in "
+                        f"{time.monotonic() - t1:.2f} s: {c.path}")
+                rows.append({"nodes": list(c.nodes), "path": str(c.path), "cache": status,
+                             "kept": not c.per_run})
+    except BaseException:  # an interrupt too: no half-made copy stays on tmpfs
         remove_copies(done)
         raise
     record.update(placement="tmpfs", copies_dir=str(folder), copies=rows, kept=keep,
