@@ -237,8 +237,8 @@ def prepare_cache_entry(spec: Any, seed: int, cache_dir: str | os.PathLike | Non
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise NumabenchError(f"weights cache folder {folder}: {e.strerror}; give another with "
-                             "--weights-cache-dir or run with --no-share-weights") from None
+        raise NumabenchError(f"weights cache folder {folder}: {e.strerror}; set XDG_CACHE_HOME to a "
+                             "writable folder, or run with --no-share-weights") from None
     key = weights_key(spec, seed)
     digest = _key_digest(key)
     stem = _stem(spec, digest)
