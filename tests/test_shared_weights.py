@@ -338,3 +338,32 @@ def test_no_share_weights_maps_nothing(tmp_path, shm_dir):
         assert inst["got"]["backend_info"]["weights_path"] is None
         assert "shared_files" not in inst["got"]["memory"]["measured"]
     assert not shm_dir.exists() or not list(shm_dir.iterdir())
+
+
+@needs_torch
+@needs_shm
+def test_prepare_backend_gives_each_node_set_its_own_copy(cache_dir, shm_dir):
+    from numabench.workers.backends import prepare_backend, release_preparation
+    from numabench.workers.models import resolve_model
+
+    # Node 0 (bound) and unbound instances: two copies, the first written under node 0's policy.
+    prep = prepare_backend("pytorch", resolve_model("bert-tiny"), "fp32", {}, seed=7,
+                           share_weights=True, node_sets=((0,), ()), weights_dir=str(shm_dir),
+                           weights_cache_dir=str(cache_dir))
+    try:
+        bound, unbound = prep.options_for((0,))["weights_path"], prep.options_for(())["weights_path"]
+        assert Path(bound).name.endswith(f".node0.pid{os.getpid()}.safetensors")
+        assert Path(unbound).name.endswith(f".nodes-any.pid{os.getpid()}.safetensors")
+        assert sorted(prep.temporary) == sorted([bound, unbound])
+        assert prep.record["shared_weights"]["shared"] == "all" and not prep.warnings
+        assert sw.file_sha256(Path(bound)) == sw.file_sha256(Path(unbound))
+    finally:
+        release_preparation(prep)
+    assert not Path(bound).exists() and not Path(unbound).exists() and not shm_dir.exists()
+    int8 = prepare_backend("pytorch", resolve_model("bert-tiny"), "int8", {}, seed=7,
+                           share_weights=True, node_sets=((0,),), weights_dir=str(shm_dir),
+                           weights_cache_dir=str(cache_dir))
+    release_preparation(int8)
+    assert int8.record["shared_weights"]["shared"] == "partly"
+    assert any("repacks every Linear weight" in w for w in int8.warnings)
+    assert prepare_backend("pytorch", resolve_model("bert-tiny"), "fp32", {}, share_weights=False) is None
