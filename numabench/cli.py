@@ -292,6 +292,14 @@ def plan_validate(ctx, plan_file, root):
                    "or ~/.cache/numabench/onnx).")
 @click.option("--ort-opt-level", type=click.Choice(ORT_OPT_LEVELS),
               help="onnxruntime: graph optimization level (default all).")
+@click.option("--share-weights/--no-share-weights", default=True, show_default=True,
+              help="pytorch: workers map one read-only copy of the weights per NUMA node "
+                   "instead of each holding its own (docs/backends.md).")
+@click.option("--keep-weights", is_flag=True,
+              help="Keep the per-node weights copies on tmpfs for the next run (default: removed).")
+@click.option("--weights-dir", type=click.Path(file_okay=False),
+              help="Folder for the per-node weights copies (default /dev/shm/numabench-UID/weights; "
+                   "not on tmpfs: one copy in the page cache).")
 @binder_option
 @allocator_option
 @click.option("--transport", type=click.Choice(TRANSPORTS), default=LaunchOptions.transport,
@@ -311,7 +319,8 @@ def plan_validate(ctx, plan_file, root):
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
-               run_dir, output, as_json, cache_dir, ort_opt_level):
+               run_dir, output, as_json, cache_dir, ort_opt_level, share_weights, keep_weights,
+               weights_dir):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -337,11 +346,13 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
         options["opt_level"] = ort_opt_level
     workload = Workload(model=model, backend=backend, precision=precision, seq=seq, mode=mode,
                         iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
-                        text_file=text_file, backend_options=options)
+                        text_file=text_file, backend_options=options, share_weights=share_weights)
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None, ready_timeout_s=ready_timeout,
-                         request_timeout_s=request_timeout, repeat=repeat)
+                         request_timeout_s=request_timeout, repeat=repeat,
+                         keep_weights=keep_weights,
+                         weights_dir=str(Path(weights_dir).resolve()) if weights_dir else None)
     check_options(opts)  # destinations first: a bad -o is found before the machine is read
     machine = read_machine("/")
     plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,

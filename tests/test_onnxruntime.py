@@ -251,6 +251,9 @@ def test_launch_two_instances_exports_once_then_reuses(tmp_path):
     backend = doc["environment"]["backend"]
     assert backend["cache"] == "miss" and backend["exports"] == 1 and "exporting bert-tiny" in log
     assert backend["agreement"]["max_abs_diff"] <= FP32_TOL and backend["agreement"]["within"]
+    # Weights are not shared on onnxruntime (prepacking): said in the record and the warnings.
+    assert backend["shared_weights"]["shared"] == "none"
+    assert any("onnxruntime does not share weights" in w for w in doc["warnings"])
     model = Path(backend["model_path"])
     assert model.parent == cache_dir.resolve() and len(list(cache_dir.glob("*.onnx"))) == 1
     mtime = model.stat().st_mtime_ns

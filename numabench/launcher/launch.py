@@ -47,6 +47,7 @@ from numabench.results import RunResult, Sample, summarize
 from numabench.system.noise import NoiseRecorder
 from numabench.topology.model import Machine
 from numabench.workers import protocol
+from numabench.workers.backends import release_preparation
 
 
 class RunInterrupted(LaunchError):
@@ -173,8 +174,12 @@ class _Run:
 
         w = self.workload
         self.progress.update(f"preparing the {w.backend} backend", force=True)
-        self.prepared = prepare_backend(w.backend, resolve_model(w.model), w.precision,
-                                        w.backend_options, seed=w.seed, log=self.log)
+        self.prepared = prepare_backend(
+            w.backend, resolve_model(w.model), w.precision, w.backend_options, seed=w.seed,
+            log=self.log, share_weights=w.share_weights,
+            node_sets=tuple({tuple(sorted(i.memory_nodes)) for i in self.plan.instances}),
+            weights_dir=self.opts.weights_dir, keep_weights=self.opts.keep_weights,
+            weights_cache_dir=self.opts.weights_cache_dir)
         if self.prepared is not None:
             self.warnings.extend(self.prepared.warnings)
 
@@ -188,7 +193,8 @@ class _Run:
                 precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
                 timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
-                options={**w.backend_options, **(self.prepared.options if self.prepared else {})})
+                options={**w.backend_options,
+                         **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {})})
             started = spawn.start_instance(group, binder, inst, cfg, preload)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
@@ -225,6 +231,16 @@ class _Run:
             if self.ready[inst.id].get("threads") not in (None, inst.threads):
                 self.warnings.append(f"instance {inst.id} runs {self.ready[inst.id]['threads']} "
                                      f"threads, the plan asked for {inst.threads}")
+
+    def sample_memory(self, stage: str) -> None:
+        """Each instance's RSS/PSS/private memory and its shared weights mapping, into its
+        results' "got" (got.memory.<stage>), with its start-up time (got.startup_s)."""
+        from numabench.launcher import memory
+
+        for ready in self.ready.values():
+            path = (ready.get("backend_info") or {}).get("weights_path")
+            ready.setdefault("memory", {})[stage] = memory.sample(ready["pid"], [path] if path else [])
+            ready["startup_s"] = round((ready.get("load_ns", 0) + ready.get("warmup_ns", 0)) / 1e9, 3)
 
     # --- measure -------------------------------------------------------------------------
 
@@ -440,7 +456,9 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
                     run.prepare_backend()
                     run.spawn(group, coord)
                     run.wait_ready(coord)
+                    run.sample_memory("ready")
                     run.measure(coord)
+                    run.sample_memory("measured")
                     coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
                     group.wait_all(opts.grace_s)
                     status, error = "ok", None
@@ -468,6 +486,7 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
                     stops.hold()
                     run.progress.done()
                     group.stop(opts.grace_s)
+                    release_preparation(run.prepared)
         finally:
             stops.hold()
             result = run.document(status, error, failed)

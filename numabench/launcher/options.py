@@ -38,6 +38,7 @@ class Workload:
     seed: int = 0
     text_file: str | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)
+    share_weights: bool = True  # pytorch: one read-only weights copy per NUMA node (shared_weights.py)
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,6 @@ class LaunchOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
     repeat: int = 1  # launch --repeat: that many runs, fresh workers each, RUN_DIR/rep-<k>/
+    keep_weights: bool = False  # keep the tmpfs weights copies for the next run
+    weights_dir: str | None = None  # where the per-node weights copies go (default /dev/shm/...)
+    weights_cache_dir: str | None = None  # the weights cache on disk (default ~/.cache/...)

@@ -149,8 +149,12 @@ def offline_env_for(spec: ModelSpec) -> None:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def build_pytorch_model(spec: ModelSpec, seed: int):
-    """An eval-mode transformers AutoModel in fp32; builtins get random weights from `seed`."""
+def build_pytorch_model(spec: ModelSpec, seed: int, weights: bool = True):
+    """An eval-mode transformers AutoModel in fp32; builtins get random weights from `seed`.
+
+    weights=False builds the architecture only (config, no weight files read): under
+    `torch.device("meta")` that allocates nothing, for weights assigned from a shared file.
+    """
     offline_env_for(spec)
     import torch
     import transformers
@@ -161,6 +165,8 @@ def build_pytorch_model(spec: ModelSpec, seed: int):
         config_class = getattr(transformers, CONFIG_CLASSES[cfg.pop("model_type")])
         torch.manual_seed(seed)  # same seed, same random weights, same outputs across instances
         model = transformers.AutoModel.from_config(config_class(**cfg))
+    elif not weights:
+        model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(spec.path))
     else:
         model = transformers.AutoModel.from_pretrained(spec.path)
     return model.float().eval()

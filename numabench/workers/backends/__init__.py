@@ -12,7 +12,7 @@ import abc
 import importlib
 import importlib.util
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from numabench.errors import NumabenchError
@@ -37,7 +37,8 @@ UNSUPPORTED_WHY: Mapping[tuple[str, str], str] = {
         "int8 on onnxruntime, or --backend pytorch for bf16"),
 }
 BACKEND_OPTIONS: Mapping[str, Mapping[str, type]] = {
-    "pytorch": {},
+    # weights_path: the node's shared weights file (set by the launcher, shared_weights.py).
+    "pytorch": {"weights_path": str},
     "noop": {"compute_ns": int, "spin": bool},
     # model_path: the prepared ONNX file (set by the launcher); cache_dir: where to export to
     # when there is none; opt_level: ONNX Runtime's graph optimization level.
@@ -131,6 +132,20 @@ def create_backend(backend: str) -> Backend:
     return module.BACKEND_CLASS()
 
 
+_ORT_NOT_SHARED = (
+    "onnxruntime does not share weights: each worker holds its own copy, because ONNX Runtime "
+    "prepacks every MatMul weight into private memory, and turning prepacking off to map shared "
+    "weights cost 19% of BERT-base's speed (docs/backends.md)")
+# Whether `share_weights` shares anything, and what to say where it does not (or only in part).
+SHARE_WEIGHTS_WHY: Mapping[tuple[str, str], str] = {
+    ("pytorch", "int8"): (
+        "int8 shares only the embeddings and LayerNorm weights: dynamic quantization repacks every "
+        "Linear weight into private memory in each worker"),
+    ("onnxruntime", "fp32"): _ORT_NOT_SHARED,
+    ("onnxruntime", "int8"): _ORT_NOT_SHARED,
+}
+
+
 @dataclass(frozen=True)
 class Preparation:
     """Work a backend did once per run, before any worker started."""
@@ -138,17 +153,53 @@ class Preparation:
     options: dict[str, Any]  # added to every worker's options (e.g. the ONNX file's path)
     record: dict[str, Any]  # kept in the results document (environment.backend)
     warnings: list[str]
+    # Added to the options of the workers bound to these memory nodes (the node's weights copy).
+    node_options: Mapping[tuple[int, ...], dict[str, Any]] = field(default_factory=dict)
+    temporary: tuple[str, ...] = ()  # files to remove at the end of the run (release_preparation)
+
+    def options_for(self, memory_nodes: tuple[int, ...]) -> dict[str, Any]:
+        return {**self.options, **self.node_options.get(tuple(sorted(memory_nodes)), {})}
 
 
 def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[str, Any],
-                    seed: int = 0, log: Callable[[str], None] | None = None) -> Preparation | None:
+                    seed: int = 0, log: Callable[[str], None] | None = None, *,
+                    share_weights: bool = False, node_sets: tuple[tuple[int, ...], ...] = ((),),
+                    weights_dir: str | None = None, keep_weights: bool = False,
+                    weights_cache_dir: str | None = None) -> Preparation | None:
     """Once per run, in the launcher: onnxruntime exports (or reuses) its ONNX file and checks
-    it against PyTorch on a check batch. None for backends with nothing to prepare."""
+    it against PyTorch on a check batch; pytorch with `share_weights` writes one weights file per
+    set of memory nodes in `node_sets` (shared_weights.py). None when there is nothing to prepare.
+    The caller removes `temporary` files with `release_preparation` when the run ends."""
+    if backend == "pytorch" and share_weights and not options.get("weights_path"):
+        from numabench.workers.backends.shared_weights import prepare_shared_weights
+
+        shared = prepare_shared_weights(spec, seed, node_sets, cache_dir=weights_cache_dir,
+                                        copies_dir=weights_dir, keep=keep_weights, log=log)
+        why = SHARE_WEIGHTS_WHY.get((backend, precision))
+        record = {"shared_weights": {**shared.record, "shared": "partly" if why else "all",
+                                     **({"not_shared_why": why} if why else {})}}
+        return Preparation(options={}, record=record,
+                           warnings=list(shared.warnings) + ([why] if why else []),
+                           node_options={n: {"weights_path": p} for n, p in shared.paths.items()},
+                           temporary=shared.temporary)
     if backend != "onnxruntime" or options.get("model_path"):
         return None
     from numabench.workers.backends.onnx_cache import prepare_onnx
 
     opt_level = options.get("opt_level", "all")
     prepared = prepare_onnx(spec, precision, options.get("cache_dir"), seed, opt_level, log)
-    return Preparation(options={"model_path": str(prepared.path)}, record=prepared.record(),
-                       warnings=prepared.warnings())
+    record, warnings = prepared.record(), prepared.warnings()
+    why = SHARE_WEIGHTS_WHY.get((backend, precision)) if share_weights else None
+    if why:
+        record["shared_weights"] = {"shared": "none", "not_shared_why": why}
+        warnings.append(why)
+    return Preparation(options={"model_path": str(prepared.path)}, record=record,
+                       warnings=warnings)
+
+
+def release_preparation(prepared: Preparation | None) -> None:
+    """Remove the files a preparation made for this run only (the tmpfs weights copies)."""
+    if prepared is not None and prepared.temporary:
+        from numabench.workers.backends.shared_weights import remove_copies
+
+        remove_copies(prepared.temporary)

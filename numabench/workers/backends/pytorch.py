@@ -26,6 +26,7 @@ class PyTorchBackend(Backend):
         self.spec: Any = None
         self.parameters = 0
         self._torch: Any = None
+        self.weights_path: str | None = None
 
     def load(self, spec: Any, precision: str, threads: int, options: Mapping[str, Any],
              seed: int = 0) -> None:
@@ -38,7 +39,14 @@ class PyTorchBackend(Backend):
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set, or inter-op work has started: keep what runs
             pass
-        model = models.build_pytorch_model(spec, seed)
+        self.weights_path = options.get("weights_path")
+        if self.weights_path:
+            # Every tensor a view of the node's shared, read-only file: nothing private.
+            from numabench.workers.backends.shared_weights import load_model
+
+            model = load_model(spec, self.weights_path)
+        else:
+            model = models.build_pytorch_model(spec, seed)
         # Counted before quantization, which packs Linear weights out of .parameters().
         self.parameters = sum(p.numel() for p in model.parameters())
         if precision == "int8":
@@ -47,8 +55,10 @@ class PyTorchBackend(Backend):
                 # needs no extra package; its warnings would only clutter every worker's log.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", UserWarning)
+                # In place: a copy of the model first (the default) would copy shared weights
+                # into private memory. Linear weights are repacked (private) either way.
                 model = torch.ao.quantization.quantize_dynamic(
-                    model, {torch.nn.Linear}, dtype=torch.qint8)
+                    model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         self.model, self.precision, self.spec = model, precision, spec
 
     def _context(self):
@@ -87,6 +97,8 @@ class PyTorchBackend(Backend):
                 "attn_implementation": getattr(config, "_attn_implementation", None),
             },
             "quantized_engine": torch.backends.quantized.engine if self.precision == "int8" else None,
+            # The shared file the weights are mapped from (None: built in this process).
+            "weights_path": self.weights_path,
         }
 
 

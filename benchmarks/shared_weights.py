@@ -1,0 +1,118 @@
+"""Shared weights vs private weights: memory, throughput and start-up, in one run.
+
+Four launches per round, PyTorch, `throughput` mode: 1 and N instances, each with the weights
+shared (one read-only copy per NUMA node, `--share-weights`, the default) and private
+(`--no-share-weights`). Memory is each worker's PSS, sampled by the launcher at the end of
+measuring (results: instances.*.got.memory.measured), summed over the workers, plus the part of
+the tmpfs copies no worker maps (it is in memory all the same). Throughput is compared at N
+instances only. Rounds alternate which side goes first, so drift hits both.
+
+Goals: total PSS of N shared instances <= 1.35x one instance (N = 2 on a 2-vCPU machine);
+throughput shared / private >= 0.98. Start-up: per-instance load time, N vs 1.
+
+    .venv/bin/python benchmarks/shared_weights.py --instances 2 --seq 64 --model bert-base-cased
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from numabench.launcher.launch import LaunchOptions, Workload, run_launch
+from numabench.plans import plan_for_launch
+from numabench.topology import read_machine
+
+PSS_GOAL = 1.35
+THROUGHPUT_GOAL = 0.98
+
+
+def one(machine, n: int, shared: bool, args) -> dict:
+    plan = plan_for_launch(machine, instances=n, batch=args.batch * n)
+    # One instance is measured for memory and start-up only: a few requests are enough.
+    iterations = args.iterations if n > 1 else min(args.iterations, 5)
+    workload = Workload(model=args.model, backend="pytorch", precision=args.precision,
+                        seq=args.seq, mode="throughput", iterations=iterations,
+                        warmup=args.warmup, share_weights=shared)
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = run_launch(machine, plan, workload, LaunchOptions(run_dir=Path(tmp), progress=False)).to_dict()
+    got = [i["got"] for i in doc["instances"].values()]
+    mem = [g["memory"]["measured"] for g in got]
+    record = doc["environment"].get("backend", {}).get("shared_weights", {})
+    # The tmpfs copy is in memory whole, mapped or not: count the pages no worker has mapped
+    # (at least file size - the largest mapping's resident size) on top of the workers' PSS.
+    unmapped = 0
+    if record.get("placement") == "tmpfs":
+        mapped = max(sum(f.get("rss", 0) for f in m.get("shared_files", {}).values()) for m in mem)
+        unmapped = max(0, record["file_bytes"] * len(record["copies"]) - mapped)
+    return {"instances": n, "shared": shared, "throughput": doc["summary"]["throughput"],
+            "pss_mb": (sum(m["pss"] for m in mem) + unmapped) / 1e6,
+            "unmapped_copy_mb": unmapped / 1e6,
+            "anonymous_mb": sum(m.get("anonymous", 0) for m in mem) / 1e6,
+            "rss_mb": sum(m["rss"] for m in mem) / 1e6,
+            "load_s": [round(g["load_ns"] / 1e9, 3) for g in got],
+            "placement": record.get("placement")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="per instance")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--model", default="bert-base-cased")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--iterations", type=int, default=40, help="requests per instance")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("-o", "--output", type=Path)
+    args = ap.parse_args()
+
+    machine = read_machine("/")
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        for shared in order:
+            for n in (1, args.instances):
+                runs.append(one(machine, n, shared, args))
+                x = runs[-1]
+                print(f"round {r + 1}: {n} instance(s), {'shared ' if shared else 'private'}: "
+                      f"PSS {x['pss_mb']:.0f} MB (anonymous {x['anonymous_mb']:.0f} MB), "
+                      f"{x['throughput']:.2f} samples/s, load {x['load_s']} s", flush=True)
+
+    def med(n, shared, key):
+        return statistics.median(x[key] for x in runs if x["instances"] == n and x["shared"] == shared)
+
+    def load(n, shared):
+        return statistics.median(s for x in runs if x["instances"] == n and x["shared"] == shared
+                                 for s in x["load_s"])
+
+    n = args.instances
+    pss_shared = med(n, True, "pss_mb") / med(1, True, "pss_mb")
+    pss_private = med(n, False, "pss_mb") / med(1, False, "pss_mb")
+    tput = med(n, True, "throughput") / med(n, False, "throughput")
+    figures = {
+        "model": args.model, "precision": args.precision, "seq": args.seq,
+        "batch_per_instance": args.batch, "instances": n, "iterations": args.iterations,
+        "runs": runs,
+        "pss_ratio_shared": pss_shared, "pss_ratio_private": pss_private,
+        "throughput_ratio": tput,
+        "load_s_median": {f"{k}x{'shared' if s else 'private'}": load(k, s)
+                          for k in (1, n) for s in (True, False)},
+        "goals": {"pss_ratio_shared": PSS_GOAL, "throughput_ratio": THROUGHPUT_GOAL},
+        "met": pss_shared <= PSS_GOAL and tput >= THROUGHPUT_GOAL,
+    }
+    print(f"total PSS, {n} instances / 1 (medians of {args.rounds} rounds): shared {pss_shared:.2f}x "
+          f"(goal <= {PSS_GOAL}: {'met' if pss_shared <= PSS_GOAL else 'NOT met'}), "
+          f"private {pss_private:.2f}x")
+    print(f"throughput shared / private, {n} instances: {tput:.3f} "
+          f"(goal >= {THROUGHPUT_GOAL}: {'met' if tput >= THROUGHPUT_GOAL else 'NOT met'})")
+    print("load time per instance (median s): " + ", ".join(
+        f"{k}: {v:.2f}" for k, v in figures["load_s_median"].items()))
+    if args.output:
+        args.output.write_text(json.dumps(figures, indent=1) + "\n")
+    return 0 if figures["met"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
