@@ -512,7 +512,9 @@ class _Budget:
         return self.budget_s - self.elapsed()
 
     def cost(self, duration: float) -> float:
-        over = float(np.median(self.overheads)) if self.overheads else self.s.startup_guess_s
+        # the upper quartile, not the mean: start-up time varies a lot on a busy machine, and
+        # the budget is a promise
+        over = float(np.percentile(self.overheads, 75)) if self.overheads else self.s.startup_guess_s
         return duration + over
 
     def affords(self, duration: float, first: bool) -> bool:
@@ -563,7 +565,7 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
 
     def run(c: Candidate) -> bool:
         """One more run of c; False when the budget cannot pay for it (the search stops)."""
-        rep = len(runs[c.id])
+        rep = len(runs[c.id]) + (1 if skip_screen else 0)
         trial = Trial(c, rep, s.screen_s if rep == 0 else s.confirm_s, warmup, seed)
         if not budget.affords(trial.duration_s, first=not log):
             return False
@@ -577,9 +579,13 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
         return True
 
     # rung 0: screen everything the budget allows; when it cannot pay for all, a seeded random
-    # order keeps the measured subset unbiased by enumeration order
+    # order keeps the measured subset unbiased by enumeration order. When every candidate is a
+    # finalist anyway, screening decides nothing: the first runs are confirm runs.
+    skip_screen = len(candidates) <= s.finalists
+    if skip_screen:
+        planned_left[0] = len(candidates) * s.min_runs
     order = list(candidates)
-    afford = int(max(budget.left() - s.reserve_s, 0) // budget.cost(s.screen_s))
+    afford = int(max(budget.left() - s.reserve_s, 0) // budget.cost(s.confirm_s if skip_screen else s.screen_s))
     if afford < len(order):
         np.random.default_rng(seed).shuffle(order)
     unmeasured: list[str] = []
@@ -756,16 +762,21 @@ def _confidence(objective: Objective, chosen: CandidateResult, runner_up: Candid
     if not runner_up.feasible:
         return "clear", (f"the runner-up {runner_up.candidate.label} misses the latency limit "
                          f"({runner_up.latency_ms:.2f} ms)")
-    if cmp is None or cmp.verdict == "inconclusive" and cmp.runs_b < MIN_RUNS or cmp.runs_a < MIN_RUNS:
-        why = ("the budget ran out before the finalists were repeated" if log.stopped == "budget"
+    ci = (f"runner-up/choice {cmp.ratio:.3f}, 95% CI [{cmp.ci[0]:.3f}, {cmp.ci[1]:.3f}], "
+          f"p {cmp.p:.3f}" if cmp is not None and cmp.ci else "")
+    if cmp is None or cmp.verdict == "inconclusive":
+        why = ("the budget ran out before the finalists were separated" if log.stopped == "budget"
                else "too few runs")
-        return "low", (f"{why}: {chosen.confirm_runs} vs {runner_up.confirm_runs} confirm runs; "
-                       "give a larger --budget for a confident choice")
-    ci = f"ratio {cmp.ratio:.3f}, 95% CI [{cmp.ci[0]:.3f}, {cmp.ci[1]:.3f}], p {cmp.p:.3f}" if cmp.ci else ""
+        runs = f"{chosen.confirm_runs} vs {runner_up.confirm_runs} confirm runs"
+        detail = "; ".join(x for x in (ci, cmp.reason if cmp else "") if x)
+        return "low", (f"{why}: {runs}{f' ({detail})' if detail else ''}; give a larger --budget "
+                       "for a confident choice")
     if cmp.verdict == "worse":
         return "clear", (f"the runner-up is worse over {cmp.runs_a} vs {cmp.runs_b} runs ({ci})")
+    more = ("; a larger --budget (more runs) may still separate them" if log.stopped == "budget"
+            else "; either is a good choice")
     return "within-noise", (f"the runner-up is within noise over {cmp.runs_a} vs {cmp.runs_b} runs "
-                            f"({ci}{'; ' + cmp.reason if cmp.reason else ''}): either is a good choice")
+                            f"({ci}): the runs cannot tell them apart{more}")
 
 
 def render_decision(decision: Decision, log: SearchLog, space: Space) -> str:
