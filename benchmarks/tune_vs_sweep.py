@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from numabench.experiments.tune import (

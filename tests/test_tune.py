@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
 import pytest
@@ -74,8 +74,9 @@ class FakeRunner:
 STRATEGY = Strategy(screen_s=1.0, confirm_s=2.0)
 
 
-def run_fake(truth, objective=Objective(), budget=300.0, noise=0.03, startup=2.0, seed=1,
+def run_fake(truth, objective=None, budget=300.0, noise=0.03, startup=2.0, seed=1,
              strategy=STRATEGY):
+    objective = objective or Objective()
     cands = [cand(n) for n in range(1, len(truth) + 1)]
     truth = {c.id: v for c, v in zip(cands, truth)}
     clock = FakeClock()
@@ -245,6 +246,16 @@ def test_spec_round_trip():
     assert again == spec
 
 
+def test_the_example_spec_reads():
+    from pathlib import Path
+
+    from numabench.experiments.tune import load_tune_spec
+
+    path = Path(__file__).resolve().parents[1] / "plans" / "tune-example.yaml"
+    spec = load_tune_spec(path)
+    assert spec.backends == ("pytorch", "onnxruntime") and spec.objective.max_latency_ms == 500
+
+
 @pytest.mark.parametrize("text, where, what", [
     (SPEC.replace("seq: 32", "seq: long"), "t.yaml:4: seq", "expected an integer"),
     (SPEC.replace("objective: throughput", "objective: thruput"), "t.yaml:6: objective",
@@ -352,6 +363,6 @@ def test_interrupt_then_resume_reuses_finished_trials(tmp_path):
 
 def test_spec_objects_are_frozen():
     c = cand(2)
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         c.batch = 3  # type: ignore[misc]
     assert replace(c, batch=4).batch == 4
