@@ -578,16 +578,15 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
         planned_left[0] = max(planned_left[0] - 1, 0)
         return True
 
-    # rung 0: screen everything the budget allows; when it cannot pay for all, a seeded random
-    # order keeps the measured subset unbiased by enumeration order. When every candidate is a
-    # finalist anyway, screening decides nothing: the first runs are confirm runs.
+    # rung 0: screen everything the budget allows, in a seeded random order: when start-up turns
+    # out slower than guessed and the budget cannot pay for all, the measured subset is not biased
+    # by enumeration order (all of one backend first). When every candidate is a finalist anyway,
+    # screening decides nothing: the first runs are confirm runs.
     skip_screen = len(candidates) <= s.finalists
     if skip_screen:
         planned_left[0] = len(candidates) * s.min_runs
     order = list(candidates)
-    afford = int(max(budget.left() - s.reserve_s, 0) // budget.cost(s.confirm_s if skip_screen else s.screen_s))
-    if afford < len(order):
-        np.random.default_rng(seed).shuffle(order)
+    np.random.default_rng(seed).shuffle(order)
     unmeasured: list[str] = []
     for k, c in enumerate(order):
         if not run(c):
