@@ -385,3 +385,25 @@ def test_spec_objects_are_frozen():
     with pytest.raises(FrozenInstanceError):
         c.batch = 3  # type: ignore[misc]
     assert replace(c, batch=4).batch == 4
+
+
+def test_a_lucky_screen_run_does_not_outrank_the_finalists():
+    from numabench.experiments.tune import SearchLog, Trial
+
+    a, b, c = cand(1), cand(2), cand(3)
+
+    def m(x, rep, tput):
+        return Measurement(Trial(x, rep, 1.0 if rep == 0 else 2.0, 2, 0), True, tput, 10.0, 3.0, 50)
+
+    runs = [m(a, 0, 300), m(b, 0, 310), m(c, 0, 305)]  # a's screen was lucky ... or short runs flatter
+    runs += [m(x, r, t) for r in (1, 2, 3, 4) for x, t in ((b, 210 + r), (c, 200 - r))]
+    d = decide([a, b, c], SearchLog(tuple(runs), "clear", 50.0, (), (b.id, c.id)), Objective())
+    assert d.chosen.candidate == b and d.runner_up.candidate == c
+    assert [r.candidate for r in d.results] == [b, c, a]
+
+
+def test_instances_and_cores_per_instance_both_honoured(tmp_path):
+    machine = read_machine(write_sysfs_tree(tmp_path / "m", cores_per_node=4))
+    spec = TuneSpec(model="bert-tiny", seq=16, batches=(4,), instances=(1, 2), cores_per_instance=(1, 2))
+    space = expand_space(spec, machine)
+    assert sorted(c.shape for c in space.candidates) == ["1x1", "1x2", "2x1", "2x2"]

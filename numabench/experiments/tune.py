@@ -41,6 +41,7 @@ from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError, PlanError
 from numabench.plans.model import Plan, PlanSource
 from numabench.plans.yamlio import _describe, _Reader, _type_name, compose
+from numabench.results import write_json_atomic
 from numabench.topology.model import Machine
 
 TUNE_VERSION = 1
@@ -169,7 +170,8 @@ class Candidate:
     leftover: str  # the planner's policy for cores equal groups leave over: idle | spread
     smt: bool
     allocator: str
-    request_cores_per_instance: int | None = None  # as asked of the planner
+    request_instances: int | None = None  # as asked of the planner (None: derived from the size)
+    request_cores_per_instance: int | None = None
 
     @property
     def shape(self) -> str:
@@ -180,11 +182,9 @@ class Candidate:
 
     @property
     def id(self) -> str:
-        from numabench.experiments.points import _safe
-
         sizes = sorted(set(self.cores), reverse=True)
         shape = f"n{self.instances}x" + ("-".join(str(c) for c in self.cores) if len(sizes) > 1 else str(sizes[0]))
-        parts = [_safe(self.model), self.backend, self.precision, f"s{self.seq}", f"b{self.batch}",
+        parts = [_safe_name(self.model), self.backend, self.precision, f"s{self.seq}", f"b{self.batch}",
                  shape + ("-smt" if self.smt else "")]
         if self.allocator != "default":
             parts.append(self.allocator)
@@ -199,8 +199,8 @@ class Candidate:
     def plan_request(self):
         from numabench.plans import PlanRequest
 
-        n = None if self.request_cores_per_instance else self.instances
-        return PlanRequest(instances=n, cores_per_instance=self.request_cores_per_instance,
+        return PlanRequest(instances=self.request_instances,
+                           cores_per_instance=self.request_cores_per_instance,
                            batch=self.batch, smt=self.smt, leftover=self.leftover)
 
     def workload(self, duration_s: float, warmup: int, seed: int):
@@ -350,7 +350,7 @@ def expand_space(spec: TuneSpec, machine: Machine, installed_allocators: Iterabl
                     if allocator != "default" and allocator not in installed:
                         raise NumabenchError(f"allocator {allocator} is not installed here")
                     probe = Candidate(spec.model, backend, precision, spec.seq, spec.mode, batch,
-                                      n or 0, (), leftover, smt, allocator, k)
+                                      n or 0, (), leftover, smt, allocator, n, k)
                     plan = make_plan(machine, probe.plan_request())
                     check_workload(plan, probe.workload(1.0, spec.warmup, spec.seed))
                 except NumabenchError as e:
@@ -365,6 +365,8 @@ def expand_space(spec: TuneSpec, machine: Machine, installed_allocators: Iterabl
                     continue
                 seen.add(key)
                 c = replace(probe, instances=len(plan.instances), cores=cores)
+                if c.id in plans:  # same shape, other CPUs (never seen; ids must stay unique)
+                    raise NumabenchError(f"two candidates share the id {c.id}; please report this")
                 candidates.append(c)
                 plans[c.id] = plan
     return Space(tuple(candidates), plans, tuple(pruned), duplicates)
@@ -373,10 +375,13 @@ def expand_space(spec: TuneSpec, machine: Machine, installed_allocators: Iterabl
 def _batches(spec: TuneSpec, n: int | None, k: int | None, machine: Machine) -> tuple[int, ...]:
     if spec.batches is not None:
         return spec.batches
-    if n is None:  # count derived from the cores per instance
-        from numabench.experiments.points import _planned_instances
+    if n is None:  # count derived from the cores per instance: ask the (pure) planner
+        from numabench.plans import PlanRequest, make_plan
 
-        n = _planned_instances(machine, k)
+        try:
+            n = len(make_plan(machine, PlanRequest(cores_per_instance=k)).instances)
+        except PlanError:
+            return spec.batch_per_instance or DEFAULT_BATCH_PER_INSTANCE  # pruned, with the reason
     per = spec.batch_per_instance or DEFAULT_BATCH_PER_INSTANCE
     return tuple(b * n for b in per)
 
@@ -474,6 +479,7 @@ class SearchLog:
     stopped: str  # clear | budget | max-runs | done
     elapsed_s: float
     unmeasured: tuple[str, ...] = ()  # candidate ids the budget left out of screening
+    finalists: tuple[str, ...] = ()  # candidate ids that reached the finals, best first
 
 
 @dataclass(frozen=True)
@@ -561,6 +567,9 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
     def planned() -> int:
         return len(log) + planned_left[0]
 
+    def ids(cs: Iterable[Candidate]) -> tuple[str, ...]:
+        return tuple(c.id for c in cs)
+
     planned_left = [planned_trials(len(candidates), s)]
 
     def run(c: Candidate) -> bool:
@@ -615,7 +624,7 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
         if short:
             for c in sorted(short, key=lambda c: len(confirm(c))):
                 if not run(c):
-                    return SearchLog(tuple(log), "budget", budget.elapsed(), tuple(unmeasured))
+                    return SearchLog(tuple(log), "budget", budget.elapsed(), tuple(unmeasured), ids(ranked(finals)))
             finals = ranked(finals)
             continue
         if len(finals) < 2:
@@ -634,9 +643,9 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
         planned_left[0] = 2
         for c in finals:
             if len(confirm(c)) < s.max_runs and not run(c):
-                return SearchLog(tuple(log), "budget", budget.elapsed(), tuple(unmeasured))
+                return SearchLog(tuple(log), "budget", budget.elapsed(), tuple(unmeasured), ids(ranked(finals)))
         finals = ranked(finals)
-    return SearchLog(tuple(log), stopped, budget.elapsed(), tuple(unmeasured))
+    return SearchLog(tuple(log), stopped, budget.elapsed(), tuple(unmeasured), ids(ranked(finals)))
 
 
 def _median_latency(runs: Sequence[Measurement]) -> float | None:
@@ -707,7 +716,11 @@ def decide(candidates: Sequence[Candidate], log: SearchLog, objective: Objective
         return Decision(objective, (), None, None, None, (), (), "impossible",
                         "no trial finished: " + (failed[0].error if failed else "nothing was measured"),
                         failed)
-    results.sort(key=lambda r: _rank_key(objective, r.runs))
+    # Rank by evidence first: the finalists (repeated runs), then candidates with confirm runs,
+    # then screen-only ones; a lucky single short run must not outrank repeated longer ones.
+    finalists = set(log.finalists)
+    results.sort(key=lambda r: (0 if r.candidate.id in finalists else 1 if r.confirm_runs else 2,
+                                _rank_key(objective, r.runs)))
     front = set(pareto_frontier([(r.throughput, r.latency_ms if r.latency_ms is not None else math.inf)
                                  for r in results]))
     results = [replace(r, on_frontier=k in front) for k, r in enumerate(results)]
@@ -950,9 +963,14 @@ def check_spec(spec: TuneSpec) -> None:
 
 
 def _default_name(model: str, seq: int, objective: str) -> str:
-    from numabench.experiments.points import _safe
+    return f"tune-{_safe_name(model)}-s{seq}-{objective}"
 
-    return f"tune-{_safe(model)}-s{seq}-{objective}"
+
+def _safe_name(text: str) -> str:
+    """A model name (maybe a path or hub id) as a file-name part, as sweep point ids write it."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-.") or "model"
 
 
 # ==== trials as launches (I/O) =======================================================================
@@ -1333,7 +1351,7 @@ def run_tune(machine: Machine, spec: TuneSpec, out_dir: str | Path, *, resume: b
 
     decision = decide(space.candidates, log, spec.objective, spec.seed)
     files = [out / STATE_FILE, out / "frontier.csv"]
-    write_json_atomic_doc(out / STATE_FILE, decision_to_dict(decision, log, space, spec))
+    write_json_atomic(out / STATE_FILE, decision_to_dict(decision, log, space, spec))
     if decision.results:
         write_frontier_csv(decision, out / "frontier.csv")
         files += write_figure(decision, out, _caption(machine, spec))
@@ -1348,12 +1366,6 @@ def run_tune(machine: Machine, spec: TuneSpec, out_dir: str | Path, *, resume: b
         raise ObjectiveNotMet(f"{decision.statement}\nall trials, frontier.csv and frontier.png are in "
                               f"{out}")
     return TuneOutcome(out, space, log, decision, tuple(files), summary)
-
-
-def write_json_atomic_doc(path: Path, doc: dict[str, Any]) -> None:
-    from numabench.results import write_json_atomic
-
-    write_json_atomic(path, doc)
 
 
 def _caption(machine: Machine, spec: TuneSpec) -> str:
