@@ -407,3 +407,22 @@ def test_instances_and_cores_per_instance_both_honoured(tmp_path):
     spec = TuneSpec(model="bert-tiny", seq=16, batches=(4,), instances=(1, 2), cores_per_instance=(1, 2))
     space = expand_space(spec, machine)
     assert sorted(c.shape for c in space.candidates) == ["1x1", "1x2", "2x1", "2x2"]
+
+
+def test_a_failing_candidate_drops_out():
+    cands = [cand(1), cand(2), cand(3)]
+    truth = {cands[0].id: (100, 10), cands[1].id: (300, 10), cands[2].id: (150, 10)}
+    clock = FakeClock()
+    good = FakeRunner(truth, clock)
+
+    def runner(trial):
+        if trial.candidate == cands[1] and trial.repetition > 0:  # the best crashes when repeated
+            clock.now += 3
+            return Measurement(trial, False, seconds=3, error="instance 0 exited with code -9")
+        return good(trial)
+
+    log = search(cands, Objective(), STRATEGY, 300, runner, clock)
+    d = decide(cands, log, Objective())
+    assert d.chosen.candidate == cands[2]
+    assert sum(1 for m in log.measurements if not m.ok) == 1
+    assert [m.trial.id for m in d.failed] == [f"{cands[1].id}_r1"]

@@ -562,7 +562,9 @@ def search(candidates: Sequence[Candidate], objective: Objective, strategy: Stra
         return confirm(c) or ok
 
     def ranked(cs: Iterable[Candidate]) -> list[Candidate]:
-        return sorted((c for c in cs if values(c)), key=lambda c: _rank_key(objective, values(c)))
+        """Best first; a candidate with a failed run drops out (a setup that crashes is no choice)."""
+        return sorted((c for c in cs if values(c) and all(m.ok for m in runs[c.id])),
+                      key=lambda c: _rank_key(objective, values(c)))
 
     def planned() -> int:
         return len(log) + planned_left[0]
@@ -705,12 +707,13 @@ def decide(candidates: Sequence[Candidate], log: SearchLog, objective: Objective
         ok = [m for m in by_id.get(c.id, []) if m.ok]
         if not ok:
             continue
+        crashed = len(ok) < len(by_id[c.id])  # shown, never chosen
         confirm = [m for m in ok if m.trial.repetition > 0]
         use = confirm or ok
         lat = _median_latency(use)
         results.append(CandidateResult(c, tuple(use), next((m for m in ok if m.trial.repetition == 0), None),
                                        float(np.median([m.throughput for m in use])), lat,
-                                       objective.meets(lat)))
+                                       objective.meets(lat) and not crashed))
     failed = tuple(m for m in log.measurements if not m.ok)
     if not results:
         return Decision(objective, (), None, None, None, (), (), "impossible",
