@@ -569,7 +569,7 @@ _TUNE_SPEC_OPTIONS = ("model", "seq", "batch", "batch_per_instance", "objective"
 @click.option("--warmup", "-w", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--trial-seconds", type=float, help="Screen trial length (confirm trials: twice); "
-                                                   "default 1%% of the budget, 0.5-10 s.")
+                                                   "default 1% of the budget, 0.5-10 s.")
 @click.option("--name", help="Name of the tune (default tune-<model>-s<seq>-<objective>).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Folder for trials, best-plan.yaml, frontier.csv and the figure.")

@@ -426,3 +426,16 @@ def test_a_failing_candidate_drops_out():
     assert d.chosen.candidate == cands[2]
     assert sum(1 for m in log.measurements if not m.ok) == 1
     assert [m.trial.id for m in d.failed] == [f"{cands[1].id}_r1"]
+
+
+@TWO_CPUS
+def test_impossible_limit_on_real_runs_exits_1_naming_the_closest(tmp_path):
+    out = tmp_path / "tuned"
+    r = numabench("tune", "--model", "bert-tiny", "--backend", "noop", "--seq", "8", "--batch", "4",
+                  "--max-latency-ms", "0.000001", "--budget", "3", "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert "error: no candidate meets the objective" in r.stderr and "the closest is " in r.stderr
+    assert "raise\n--max-latency-ms" in r.stderr or "raise --max-latency-ms" in r.stderr
+    assert not (out / "best-plan.yaml").exists()
+    assert (out / "frontier.csv").exists() and (out / "frontier.png").exists()
+    assert json.loads((out / "tune.json").read_text())["confidence"] == "impossible"
