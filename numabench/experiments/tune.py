@@ -1156,10 +1156,10 @@ def write_figure(decision: Decision, folder: Path, caption: str) -> list[Path]:
     o = decision.objective
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     results = [r for r in decision.results if r.latency_ms is not None]
-    for r in results:
+    for k, r in enumerate(results):
         ax.scatter([m.latency_ms for m in r.runs if m.latency_ms is not None],
                    [m.throughput for m in r.runs if m.latency_ms is not None],
-                   s=10, color="0.75", zorder=1)
+                   s=10, color="0.75", zorder=1, label="one run" if k == 0 else None)
     ax.scatter([r.latency_ms for r in results], [r.throughput for r in results], s=30,
                color="tab:blue", zorder=2, label="candidate (median of its runs)")
     front = sorted((r for r in results if r.on_frontier), key=lambda r: r.latency_ms)
