@@ -439,3 +439,11 @@ def test_impossible_limit_on_real_runs_exits_1_naming_the_closest(tmp_path):
     assert not (out / "best-plan.yaml").exists()
     assert (out / "frontier.csv").exists() and (out / "frontier.png").exists()
     assert json.loads((out / "tune.json").read_text())["confidence"] == "impossible"
+
+
+def test_four_separated_runs_a_side_are_enough():
+    # the benchmark's head-to-head on the busy VM: fully separated, 4 runs a side
+    a = [1337.6, 1200.0, 1450.0, 1300.0]
+    b = [168.5, 150.0, 190.0, 175.0]
+    c = compare_runs(a, b)
+    assert c.verdict == "worse" and c.p == pytest.approx(2 / 70)

@@ -418,10 +418,14 @@ def compare_runs(a: Sequence[float], b: Sequence[float], *, metric: str = "throu
     """Compare run-level values of B against A.
 
     A difference needs both: the bootstrap (1 - alpha) interval of the ratio of medians excludes
-    1, and the exact two-sided permutation test of the difference of log-medians gives p < alpha.
-    The permutation test is exact at any run count, so an A/A comparison is called different at
-    most alpha of the time; its price is that 3 runs a side can never reach p < 0.05 (the
-    smallest p is 0.1), so with 3 the answer is 'inconclusive', and 4 a side are needed.
+    1, and the exact two-sided permutation test of the difference of the mean log values gives
+    p < alpha. Both agreeing on no difference is 'no-difference'; when they disagree, more runs
+    are needed ('inconclusive'). The permutation test is exact at any run count, so an A/A
+    comparison is called different at most alpha of the time; its price is that 3 runs a side
+    can never reach p < 0.05 (the smallest p is 0.1), so with 3 the answer is 'inconclusive',
+    and 4 a side are needed. (The test's statistic is the mean of logs, not the median: with 4
+    runs a median hides which runs sit outside the middle two, so fully separated runs would
+    tie with other relabellings and never reach p < 0.05.)
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < MIN_RUNS or len(b) < MIN_RUNS:
@@ -440,19 +444,24 @@ def compare_runs(a: Sequence[float], b: Sequence[float], *, metric: str = "throu
         return RunComparison(metric, len(a), len(b), ratio, (float(low), float(high)), p,
                              "inconclusive", f"{len(a)} vs {len(b)} runs cannot reach p < {alpha:g} "
                              f"(smallest possible p {floor:.2f}); one more run a side is needed")
-    if p < alpha and (low > 1 or high < 1):
-        b_higher = low > 1
-        verdict = "better" if b_higher == higher_is_better else "worse"
-    else:
+    excludes_one = low > 1 or high < 1
+    reason = ""
+    if p < alpha and excludes_one:
+        verdict = "better" if (low > 1) == higher_is_better else "worse"
+    elif p >= alpha and not excludes_one:
         verdict = "no-difference"
-    return RunComparison(metric, len(a), len(b), ratio, (float(low), float(high)), p, verdict)
+    else:
+        verdict = "inconclusive"
+        reason = (f"the interval and the test disagree (p {p:.3f}, interval "
+                  f"{'excludes' if excludes_one else 'includes'} 1); more runs are needed")
+    return RunComparison(metric, len(a), len(b), ratio, (float(low), float(high)), p, verdict, reason)
 
 
 def _permutation_p(la: np.ndarray, lb: np.ndarray, rng, limit: int = 20000) -> tuple[float, float]:
-    """(p, smallest p possible) of |median(B) - median(A)| over relabellings of the runs."""
+    """(p, smallest p possible) of |mean(B) - mean(A)| over relabellings of the runs."""
     pooled = np.concatenate([la, lb])
     n, na = len(pooled), len(la)
-    observed = abs(np.median(lb) - np.median(la))
+    observed = abs(lb.mean() - la.mean())
     total = math.comb(n, na)
     if total <= limit:
         splits = itertools.combinations(range(n), na)
@@ -460,13 +469,13 @@ def _permutation_p(la: np.ndarray, lb: np.ndarray, rng, limit: int = 20000) -> t
         for idx in splits:
             mask = np.zeros(n, dtype=bool)
             mask[list(idx)] = True
-            stats.append(abs(np.median(pooled[~mask]) - np.median(pooled[mask])))
+            stats.append(abs(pooled[~mask].mean() - pooled[mask].mean()))
         stats = np.asarray(stats)
         p = float(np.count_nonzero(stats >= observed - 1e-12) / count)
         return p, 2 / total  # a relabelling and its mirror always tie with the observed split
     perms = np.argsort(rng.random((limit, n)), axis=1)
     s = pooled[perms]
-    stats = np.abs(np.median(s[:, na:], axis=1) - np.median(s[:, :na], axis=1))
+    stats = np.abs(s[:, na:].mean(axis=1) - s[:, :na].mean(axis=1))
     return float((np.count_nonzero(stats >= observed - 1e-12) + 1) / (limit + 1)), 1 / (limit + 1)
 
 
