@@ -586,8 +586,8 @@ def tune_cmd(ctx, spec_file, model, seq, batch, batch_per_instance, objective, m
     Examples:
       numabench tune --model bert-tiny --seq 32 --batch 8 --objective throughput --budget 60 -o tuned
       numabench tune --model bert-base-cased --seq 128 --max-latency-ms 200 -o tuned
-      numabench tune plans/tune-example.yaml -o tuned
-      numabench tune plans/tune-example.yaml -o tuned --resume
+      numabench tune docs/tune-example.yaml -o tuned
+      numabench tune docs/tune-example.yaml -o tuned --resume
     """
     from numabench.experiments.tune import load_tune_spec, run_tune, spec_from_options
     from numabench.launcher.launch import LaunchOptions

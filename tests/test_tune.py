@@ -251,7 +251,7 @@ def test_the_example_spec_reads():
 
     from numabench.experiments.tune import load_tune_spec
 
-    path = Path(__file__).resolve().parents[1] / "plans" / "tune-example.yaml"
+    path = Path(__file__).resolve().parents[1] / "docs" / "tune-example.yaml"
     spec = load_tune_spec(path)
     assert spec.backends == ("pytorch", "onnxruntime") and spec.objective.max_latency_ms == 500
 
