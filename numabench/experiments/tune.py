@@ -1366,7 +1366,11 @@ def run_tune(machine: Machine, spec: TuneSpec, out_dir: str | Path, *, resume: b
     write_json_atomic(out / STATE_FILE, decision_to_dict(decision, log, space, spec))
     if decision.results:
         write_frontier_csv(decision, out / "frontier.csv")
-        files += write_figure(decision, out, _caption(machine, spec))
+        try:
+            files += write_figure(decision, out, _caption(machine, spec))
+        except ImportError:
+            say("note: frontier figure skipped: matplotlib is not installed "
+                "(pip install 'numabench[plots]')")
     if decision.chosen is not None:
         text = best_plan_text(decision, space.plans[decision.chosen.candidate.id], spec)
         (out / "best-plan.yaml").write_text(text)
