@@ -1012,8 +1012,11 @@ def measurement_from_doc(trial: Trial, doc: dict[str, Any], seconds: float, obje
         return Measurement(trial, False, seconds=seconds, error=doc.get("error") or doc.get("status"),
                            reused=reused)
     lat, count = run_latency_ms(doc, objective.percentile)
-    return Measurement(trial, True, float(doc["summary"]["throughput"]), lat, seconds, count,
-                       reused=reused)
+    tput = float(doc["summary"]["throughput"])
+    if tput <= 0 or not count:  # nothing finished inside the trial: no value to compare
+        return Measurement(trial, False, seconds=seconds, reused=reused,
+                           error="no request finished during the trial; give --trial-seconds more")
+    return Measurement(trial, True, tput, lat, seconds, count, reused=reused)
 
 
 class LaunchTrials:
