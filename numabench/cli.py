@@ -687,6 +687,96 @@ def system_reset(root, state_file):
     _print_tune(result, "reset")
     if result.state_file:
         click.echo(f"not everything was restored; what is left stays in {result.state_file}")
+# ---- tune -----------------------------------------------------------------------------------
+# (section owned by the tune part)
+
+
+def _csv_option(value, what, convert=str):
+    """A comma-separated option (--backend pytorch,onnxruntime) as a tuple, or None."""
+    if value is None:
+        return None
+    try:
+        return tuple(convert(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a list of {what} like 4,8") from None
+
+
+_TUNE_SPEC_OPTIONS = ("model", "seq", "batch", "batch_per_instance", "objective", "max_latency_ms",
+                      "percentile", "budget", "backend", "precision", "allocator", "smt", "instances",
+                      "mode", "warmup", "seed", "trial_seconds", "name")
+
+
+@cli.command("tune")
+@click.argument("spec_file", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False, exists=True))
+@click.option("--model", "-m", default="bert-base-cased", show_default=True,
+              help="Built-in config (random weights), minilm, a local folder or a hub id.")
+@click.option("--seq", "-s", type=int, default=128, show_default=True, help="Sequence length in tokens.")
+@click.option("--batch", "-b", help="Global batch(es), split over the instances: 8 or 8,16 "
+                                    "(default: batch per instance 1,2,4,8 searched).")
+@click.option("--batch-per-instance", help="Search these per-instance batches instead: 1,2,4,8.")
+@click.option("--objective", type=click.Choice(["throughput", "latency"]), default="throughput",
+              show_default=True, help="Highest throughput, or lowest step max latency for the batch.")
+@click.option("--max-latency-ms", type=float, help="throughput: step max latency limit at --percentile.")
+@click.option("--percentile", type=click.Choice(["50", "90", "99"]), default="90", show_default=True)
+@click.option("--budget", type=float, default=300.0, show_default=True,
+              help="Seconds of measuring in all (worker start-up included).")
+@click.option("--backend", default="pytorch", show_default=True, help="Backends allowed: pytorch,onnxruntime.")
+@click.option("--precision", default="fp32", show_default=True, help="Precisions allowed: fp32,bf16,int8.")
+@click.option("--allocator", default="auto", show_default=True,
+              help="auto (default plus every installed one) or a list: default,jemalloc,tcmalloc.")
+@click.option("--smt", type=click.Choice(["auto", "off", "on", "both"]), default="auto", show_default=True,
+              help="auto: with and without SMT siblings where the machine has SMT.")
+@click.option("--instances", "-n", default="auto", show_default=True,
+              help="Instance counts to try: auto (divisors of the core count and powers of two) or 1,2,4.")
+@click.option("--mode", type=click.Choice(["split", "throughput"]), default="split", show_default=True)
+@click.option("--warmup", "-w", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trial-seconds", type=float, help="Screen trial length (confirm trials: twice); "
+                                                   "default 1% of the budget, 0.5-10 s.")
+@click.option("--name", help="Name of the tune (default tune-<model>-s<seq>-<objective>).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Folder for trials, best-plan.yaml, frontier.csv and the figure.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted tune in this folder.")
+@binder_option
+@click.pass_context
+@user_errors
+def tune_cmd(ctx, spec_file, model, seq, batch, batch_per_instance, objective, max_latency_ms,
+             percentile, budget, backend, precision, allocator, smt, instances, mode, warmup, seed,
+             trial_seconds, name, output, resume, binder):
+    """Measure the way to the best plan for an objective (docs/tune.md).
+
+    \b
+    Examples:
+      numabench tune --model bert-tiny --seq 32 --batch 8 --objective throughput --budget 60 -o tuned
+      numabench tune --model bert-base-cased --seq 128 --max-latency-ms 200 -o tuned
+      numabench tune docs/tune-example.yaml -o tuned
+      numabench tune docs/tune-example.yaml -o tuned --resume
+    """
+    from numabench.experiments.tune import load_tune_spec, run_tune, spec_from_options
+    from numabench.launcher.launch import LaunchOptions
+    from numabench.topology import read_machine
+
+    if spec_file:
+        given = [f"--{k.replace('_', '-')}" for k in _TUNE_SPEC_OPTIONS
+                 if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise NumabenchError(f"{', '.join(given)} cannot be combined with the spec {spec_file}, "
+                                 "which already says what to tune: edit the spec or drop SPEC")
+        spec = load_tune_spec(spec_file)
+    else:
+        spec = spec_from_options(
+            model=model, seq=seq, batch=_csv_option(batch, "batches", int),
+            batch_per_instance=_csv_option(batch_per_instance, "batches", int), objective=objective,
+            max_latency_ms=max_latency_ms, percentile=float(percentile), budget_s=budget,
+            backends=_csv_option(backend, "backends"), precisions=_csv_option(precision, "precisions"),
+            allocators="auto" if allocator == "auto" else _csv_option(allocator, "allocators"),
+            smt=smt, instances="auto" if instances == "auto" else _csv_option(instances, "counts", int),
+            mode=mode, warmup=warmup, seed=seed, trial_s=trial_seconds, name=name)
+    outcome = run_tune(read_machine("/"), spec, output, resume=resume,
+                       launch_opts=LaunchOptions(binder=binder))
+    click.echo(outcome.summary)
+    click.echo(f"wrote {', '.join(p.name for p in outcome.files)} and every trial (points/) in "
+               f"{outcome.out_dir}; next: numabench report {outcome.out_dir}", err=True)
 
 
 def main():
