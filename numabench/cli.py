@@ -37,6 +37,11 @@ binder_option = click.option(
 allocator_option = click.option(
     "--allocator", type=click.Choice(["default", "jemalloc", "tcmalloc"]), default="default",
     show_default=True, help="Preload an allocator library in every worker (recorded in the results).")
+# Shared by launch, serve and sweep: run on a Ray cluster's hosts (docs/cluster.md).
+ray_option = click.option(
+    "--ray", "ray_address", metavar="ADDRESS",
+    help="Run on a Ray cluster: auto (the running cluster), HOST:PORT, or local (one started for "
+         "this run). Each host must advertise the numabench_host resource.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -461,8 +466,9 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @click.option("--dry-run", is_flag=True, help="Validate every point against this machine and list them; run nothing.")
 @binder_option
 @allocator_option
+@ray_option
 @user_errors
-def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
+def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_address):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
@@ -475,6 +481,14 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
     from numabench.launcher.launch import LaunchOptions
     from numabench.topology import read_machine
 
+    if ray_address and not dry_run:  # each point runs on a whole cluster host (docs/cluster.md)
+        from numabench.cluster.sweep import run_cluster_sweep
+
+        outcome = run_cluster_sweep(ray_address, experiment, output, resume=resume,
+                                    launch_opts=LaunchOptions(binder=binder, allocator=allocator))
+        click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
+                   f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
+        return
     machine = read_machine("/")
     if dry_run:
         exp, points, plans = plan_sweep(experiment, machine)

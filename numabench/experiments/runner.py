@@ -99,10 +99,14 @@ def _sigterm(signum, frame):
 
 class _Sweep:
     def __init__(self, machine: Machine, exp: Experiment, experiment_text: str, points, plans,
-                 out_dir: Path, launch_opts, stream: TextIO, clock: Callable[[], float]):
+                 out_dir: Path, launch_opts, stream: TextIO, clock: Callable[[], float],
+                 executor=None):
         self.machine, self.exp, self.points, self.plans = machine, exp, points, plans
         self.out_dir, self.launch_opts, self.stream, self.clock = out_dir, launch_opts, stream, clock
         self.experiment_text = experiment_text
+        # Where points run: None = here, one after the other; else an object that runs them
+        # elsewhere (numabench.cluster.sweep.RayPointExecutor) and yields each as it finishes.
+        self.executor = executor
         self.entries: dict[str, dict[str, Any]] = {}
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -144,7 +148,8 @@ class _Sweep:
         self.entries[p.id] = e
 
     def run_point(self, k: int, p: Point, plan) -> dict[str, Any]:
-
+        if self.executor is not None:  # it ran elsewhere: its document (or error) is back
+            return self._record(k, p, self.executor.result(k))
         run_dir = self.out_dir / RUNS_DIR / p.id
         if run_dir.exists():  # an earlier failed or interrupted attempt: keep its logs aside
             attempt = 1
@@ -152,7 +157,9 @@ class _Sweep:
                 attempt += 1
             run_dir.rename(run_dir.with_name(f"{p.id}.attempt-{attempt}"))
         opts = replace(self.launch_opts, run_dir=run_dir, output=None)
-        doc = run_launch(self.machine, plan, p.workload(), opts)
+        return self._record(k, p, run_launch(self.machine, plan, p.workload(), opts))
+
+    def _record(self, k: int, p: Point, doc: dict[str, Any]) -> dict[str, Any]:
         doc["experiment"] = {"name": self.exp.name, "kind": self.exp.kind, "point_id": p.id,
                              "index": k, "total": len(self.points), "point": p.to_dict()}
         write_json_atomic(point_file(self.out_dir, p), doc)
@@ -191,12 +198,12 @@ class _Sweep:
         self.write_manifest("running")
         ran, failed, durations = [], [], []
         done = len(skipped)
-        for k in todo:
+        for k in todo if self.executor is None else self.executor.run(self, todo):
             p = self.points[k]
             self.say(f"[{done + 1}/{total}] {p.label}")
             self.entry(k, p, "running", started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
             self.write_manifest("running")
-            t0 = self.clock()
+            t0 = self.clock() - (self.executor.seconds(k) if self.executor is not None else 0.0)
             try:
                 doc = self.run_point(k, p, self.plans[k])
             except (KeyboardInterrupt, RunInterrupted):
@@ -232,9 +239,10 @@ class _Sweep:
 
 def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path | None = None,
               *, resume: bool = False, launch_opts=None, stream: TextIO | None = None,
-              clock: Callable[[], float] = time.monotonic) -> SweepOutcome:
+              clock: Callable[[], float] = time.monotonic, executor=None) -> SweepOutcome:
     """Run (or resume) a sweep; raises SweepInterrupted on Ctrl-C / SIGTERM, LaunchError when
-    points failed (after running all the others)."""
+    points failed (after running all the others). `executor` runs the points elsewhere (see
+    _Sweep.executor); by default they run here."""
     experiment_file = Path(experiment_file)
     exp, points, plans = plan_sweep(experiment_file, machine)
     out = Path(out_dir) if out_dir is not None else Path("results") / exp.name
@@ -245,7 +253,7 @@ def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path
         raise ExperimentError(f"{out} exists and is not a folder")
     opts = launch_opts or LaunchOptions()
     sweep = _Sweep(machine, exp, experiment_file.read_text(), points, plans, out, opts,
-                   stream or sys.stderr, clock)
+                   stream or sys.stderr, clock, executor)
     # SIGTERM between points stops the sweep as cleanly as Ctrl-C (run_launch handles it inside).
     import threading
 

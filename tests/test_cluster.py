@@ -1,0 +1,113 @@
+"""numabench on Ray: one module-scoped test cluster of simulated hosts (ray.cluster_utils.Cluster),
+each advertising `numabench_host: 1`; noop workers, a few iterations each."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'numabench[ray]')")
+pytestmark = pytest.mark.ray
+
+from numabench.cluster import HOST_RESOURCE  # noqa: E402
+from numabench.cluster.sweep import run_cluster_sweep  # noqa: E402
+from numabench.experiments.runner import run_sweep  # noqa: E402
+from numabench.launcher.launch import LaunchOptions  # noqa: E402
+from numabench.topology import read_machine  # noqa: E402
+
+NODE = dict(num_cpus=1, object_store_memory=80 << 20)
+OPTS = LaunchOptions(binder="taskset", progress=False, ready_timeout_s=120)
+
+NOOP = """\
+version: 1
+kind: grid
+name: noop
+model: bert-tiny
+backend: noop
+seq: [8, 16]
+batch: 1
+instances: 1
+repetitions: 2
+iterations: 4
+warmup: 1
+backend_options: {compute_ns: 100000000}
+"""
+
+
+def numabench(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "numabench.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_no_cluster_is_a_clear_error(tmp_path):
+    """Runs before the module's cluster exists: `auto` finds nothing."""
+    (tmp_path / "e.yaml").write_text(NOOP)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "numabench.cli", "sweep", str(tmp_path / "e.yaml"),
+                        "-o", str(tmp_path / "res"), "--ray", "auto"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "--ray auto: no Ray cluster answers there" in r.stderr and "ray start --head" in r.stderr
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    # The head schedules nothing of ours (no host resource): the driver's side of the cluster.
+    c = Cluster(initialize_head=True, connect=True,
+                head_node_args=dict(NODE, include_dashboard=False, resources={"driver": 1}))
+    hosts = [c.add_node(**NODE, resources={HOST_RESOURCE: 1}) for _ in range(2)]
+    c.wait_for_nodes()
+    try:
+        yield c, hosts
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def node_ids(handles) -> set[str]:
+    return {h.node_id for h in handles}
+
+
+def test_sweep_spreads_points_over_hosts_like_a_local_sweep(cluster, tmp_path):
+    c, hosts = cluster
+    exp = tmp_path / "noop.yaml"
+    exp.write_text(NOOP)
+    log = io.StringIO()
+    out = run_cluster_sweep(c.address, exp, tmp_path / "ray", launch_opts=OPTS, stream=log)
+    assert len(out.ran) == 4 and not out.failed, log.getvalue()
+    local = run_sweep(read_machine("/"), exp, tmp_path / "local", launch_opts=OPTS, stream=io.StringIO())
+    assert sorted(local.ran) == sorted(out.ran)
+
+    on_ray = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    here = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    assert on_ray["status"] == "ok" and set(on_ray) == set(here)
+    used = {e["host"]["node_id"] for e in on_ray["points"]}
+    assert used == node_ids(hosts), "the points did not spread over both hosts"
+    for e in on_ray["points"]:
+        assert e["status"] == "ok" and e["machine_type"] and len(e["attempts"]) == 1
+    for pid in out.ran:
+        a = json.loads((tmp_path / "ray" / "points" / f"{pid}.json").read_text())
+        b = json.loads((tmp_path / "local" / "points" / f"{pid}.json").read_text())
+        assert set(a) - set(b) == {"cluster"} and not set(b) - set(a)
+        assert a["experiment"] == b["experiment"] and a["status"] == "ok"
+        assert a["summary"]["samples"] == b["summary"]["samples"] == 4
+        assert a["cluster"]["host"]["node_id"] in node_ids(hosts)
+        # the host's logs came back where a local sweep keeps them
+        assert "all 1 instances ready" in (tmp_path / "ray" / "runs" / pid / "launch.log").read_text()
+    # hosts advertise the same machine here: nothing flagged
+    assert "machine types" not in log.getvalue()
+
+    # resume: only a point whose file is gone runs again
+    (tmp_path / "ray" / "points" / f"{out.ran[0]}.json").unlink()
+    again = run_cluster_sweep(c.address, exp, tmp_path / "ray", resume=True, launch_opts=OPTS,
+                              stream=io.StringIO())
+    assert again.ran == (out.ran[0],) and len(again.skipped) == 3
