@@ -111,3 +111,62 @@ def test_sweep_spreads_points_over_hosts_like_a_local_sweep(cluster, tmp_path):
     again = run_cluster_sweep(c.address, exp, tmp_path / "ray", resume=True, launch_opts=OPTS,
                               stream=io.StringIO())
     assert again.ran == (out.ran[0],) and len(again.skipped) == 3
+
+
+LONG = """\
+version: 1
+kind: grid
+name: long
+model: bert-tiny
+backend: noop
+seq: 8
+batch: 1
+instances: 1
+iterations: 30
+warmup: 1
+backend_options: {compute_ns: 100000000}
+"""
+
+
+def test_a_point_whose_host_dies_is_rerun_elsewhere(cluster, tmp_path):
+    c, hosts = cluster
+    hosts.append(c.add_node(**NODE, resources={HOST_RESOURCE: 1}))  # the one we may lose
+    c.wait_for_nodes()
+    (tmp_path / "long.yaml").write_text(LONG)
+    out_dir = tmp_path / "res"
+    result: dict = {}
+
+    def sweep():
+        try:
+            result["outcome"] = run_cluster_sweep(c.address, tmp_path / "long.yaml", out_dir,
+                                                  launch_opts=OPTS, stream=io.StringIO())
+        except Exception as e:  # reported by the assertions below
+            result["error"] = e
+
+    t = threading.Thread(target=sweep)
+    t.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and t.is_alive():
+        try:
+            entry = json.loads((out_dir / "manifest.json").read_text())["points"][0]
+        except (OSError, ValueError, KeyError, IndexError):
+            entry = {}
+        if entry.get("status") == "running" and entry.get("host"):
+            victim = entry["host"]["node_id"]
+        time.sleep(0.1)
+    assert victim, f"the point never started: {result}"
+    c.remove_node(next(h for h in hosts if h.node_id == victim))
+    hosts[:] = [h for h in hosts if h.node_id != victim]
+    t.join(timeout=120)
+    assert not t.is_alive() and "error" not in result, result
+    assert result["outcome"].ran == ("bert-tiny_noop_fp32_s8_b1_n1_r0",)
+    entry = json.loads((out_dir / "manifest.json").read_text())["points"][0]
+    assert entry["status"] == "ok"
+    lost, rerun = entry["attempts"]
+    assert lost["status"] == "failed" and lost["host"]["node_id"] == victim
+    assert "lost mid-point" in lost["error"]
+    assert rerun["status"] == "ok" and rerun["host"]["node_id"] != victim
+    assert entry["host"]["node_id"] == rerun["host"]["node_id"]
+    doc = json.loads((out_dir / "points" / "bert-tiny_noop_fp32_s8_b1_n1_r0.json").read_text())
+    assert doc["status"] == "ok" and doc["cluster"]["attempts"] == entry["attempts"]
