@@ -245,11 +245,13 @@ def plan_validate(ctx, plan_file, root):
               help="Folder for logs and results (default runs/<time>-<pid>).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Also write the results JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+@ray_option
+@click.option("--hosts", type=int, help="With --ray: launch on this many hosts at once (default: all).")
 @user_errors
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, run_dir, output, as_json, cache_dir,
-               ort_opt_level):
+               ort_opt_level, ray_address, hosts):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -265,11 +267,13 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
     from numabench.results import render_summary, summary_from_dict
     from numabench.topology import read_machine
 
-    machine = read_machine("/")
-    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
-                           cores_per_instance=cores_per_instance, batch=batch, smt=smt, preset=preset,
-                           nodes=_list_option(nodes, "node"), cpus=_list_option(cpus, "CPU"),
-                           core_kind=core_kind, leftover=leftover)
+    plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
+                     batch=batch, smt=smt, preset=preset, nodes=_list_option(nodes, "node"),
+                     cpus=_list_option(cpus, "CPU"), core_kind=core_kind, leftover=leftover)
+    if hosts is not None and not ray_address:
+        raise NumabenchError("--hosts needs --ray ADDRESS (a cluster to launch on)")
+    machine = None if ray_address else read_machine("/")  # with --ray each host plans for itself
+    plan = None if ray_address else plan_for_launch(machine, **plan_args)
     options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
     if (cache_dir or ort_opt_level) and backend != "onnxruntime":
         raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")
@@ -283,6 +287,13 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None)
+
+    if ray_address:  # the same plan on N cluster hosts with a common start (docs/cluster.md)
+        from numabench.cluster.fleet import render_fleet, run_fleet
+
+        doc = run_fleet(ray_address, hosts, plan_args, workload, opts, Path(output) if output else None)
+        click.echo(json.dumps(doc["fleet"], indent=1) if as_json else render_fleet(doc))
+        return
 
     def saved(paths):
         click.echo(f"results: {', '.join(str(p) for p in paths)}", err=True)

@@ -170,3 +170,31 @@ def test_a_point_whose_host_dies_is_rerun_elsewhere(cluster, tmp_path):
     assert entry["host"]["node_id"] == rerun["host"]["node_id"]
     doc = json.loads((out_dir / "points" / "bert-tiny_noop_fp32_s8_b1_n1_r0.json").read_text())
     assert doc["status"] == "ok" and doc["cluster"]["attempts"] == entry["attempts"]
+
+
+def test_fleet_launch_measures_every_host_from_a_common_start(cluster, tmp_path):
+    from numabench.cluster.fleet import run_fleet
+    from numabench.errors import NumabenchError
+    from numabench.launcher.launch import Workload
+
+    c, hosts = cluster
+    workload = Workload(model="bert-tiny", backend="noop", seq=8, iterations=5, warmup=1,
+                        backend_options={"compute_ns": 20_000_000})
+    plan_args = {"instances": 1, "batch": 2}
+    with pytest.raises(NumabenchError, match=r"--hosts 9: the cluster has 2 host\(s\)"):
+        run_fleet(c.address, 9, plan_args, workload, OPTS, stream=io.StringIO())
+    doc = run_fleet(c.address, 2, plan_args, workload, OPTS, tmp_path / "fleet.json", stream=io.StringIO())
+    assert doc == json.loads((tmp_path / "fleet.json").read_text())
+    assert doc["schema"] == "numabench.fleet" and doc["status"] == "ok" and not doc["errors"]
+    assert {h["host"]["node_id"] for h in doc["hosts"]} == node_ids(hosts)
+    assert set(doc["documents"]) == node_ids(hosts)
+    for h in doc["hosts"]:
+        assert h["status"] == "ok" and h["samples"] == 10 and h["max_latency_ms"] >= 20
+        assert h["end_wall"] > h["start_wall"]
+    f = doc["fleet"]
+    assert f["hosts"] == 2 and f["samples"] == 20
+    # the common window holds every host's own window: fleet throughput never exceeds the sum
+    assert f["window_s"] >= max(h["end_wall"] - h["start_wall"] for h in doc["hosts"])
+    assert f["throughput"] == pytest.approx(20 / f["window_s"]) and f["throughput"] <= f["throughput_sum"]
+    for d in doc["documents"].values():  # each host planned and ran the request itself
+        assert d["status"] == "ok" and len(d["plan"]["instances"]) == 1 and d["plan"]["batch"] == 2

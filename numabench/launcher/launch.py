@@ -75,6 +75,9 @@ class LaunchOptions:
     grace_s: float = 5.0
     progress: bool | None = None  # None: only when stderr is a terminal
     path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
+    # Called once every instance is READY, just before the clock starts; it may block (a fleet's
+    # common start barrier across hosts, numabench.cluster.fleet) or raise NumabenchError to stop.
+    before_measure: Callable[[], None] | None = None
 
 
 class RunInterrupted(LaunchError):
@@ -373,6 +376,8 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
                 run.prepare_backend()
                 run.spawn(group, coord)
                 run.wait_ready(coord)
+                if opts.before_measure is not None:
+                    opts.before_measure()
                 run.measure(coord)
                 coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
                 group.wait_all(opts.grace_s)
