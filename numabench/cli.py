@@ -349,10 +349,13 @@ endpoint_option = click.option(
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for the instance logs (default runs/serve-<time>-<pid>).")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on 127.0.0.1:PORT (off by default).")
+@ray_option
+@click.option("--hosts", type=int, help="With --ray: run a daemon on this many hosts (default: all).")
 @user_errors
 def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, bind,
               allow_public_bind, queue_size, max_batch, max_wait_ms, pad, max_rows, max_request_mb,
-              request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port):
+              request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port,
+              ray_address, hosts):
     """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
 
     \b
@@ -369,9 +372,14 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="[serve] %(asctime)s %(levelname)s %(message)s")
-    machine = read_machine("/")
-    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
-                           cores_per_instance=cores_per_instance, smt=smt)
+    plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
+                     smt=smt)
+    if metrics_port is not None and ray_address:
+        raise NumabenchError("--metrics-port is per daemon; with --ray use each host's daemon status")
+    if hosts is not None and not ray_address:
+        raise NumabenchError("--hosts needs --ray ADDRESS (a cluster to serve on)")
+    machine = None if ray_address else read_machine("/")  # with --ray each host plans for itself
+    plan = None if ray_address else plan_for_launch(machine, **plan_args)
     options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
     opts = ServeOptions(
         model=model, backend=backend, precision=precision, seed=seed, backend_options=options,
@@ -380,6 +388,10 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
         max_request_bytes=int(max_request_mb * (1 << 20)), request_timeout_s=request_timeout,
         binder=binder, allocator=allocator, run_dir=Path(run_dir) if run_dir else None,
         metrics_port=metrics_port)
+    if ray_address:  # a daemon per cluster host behind one front end here (docs/cluster.md)
+        from numabench.cluster.serve import run_cluster_serve
+
+        sys.exit(run_cluster_serve(ray_address, hosts, plan_args, opts, bind=bind))
     sys.exit(serve(plan, opts, plan_file=str(Path(plan_file).resolve()) if plan_file else None,
                    machine=machine))
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'numabench[ray]')")
@@ -128,6 +130,22 @@ backend_options: {compute_ns: 100000000}
 """
 
 
+def victim_workers(since: float) -> list:
+    """The worker processes of the point now running (its host's run folder names their pids)."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for log in Path(tempfile.gettempdir(), "numabench-ray").glob("bert-tiny_noop_fp32_s8_b1_n1_r0-*/launch.log"):
+            text = log.read_text() if log.stat().st_mtime >= since else ""
+            if "all 1 instances ready" in text:
+                return log.parent, [psutil.Process(int(pid)) for pid in re.findall(r"pid (\d+)", text)]
+        time.sleep(0.05)
+    raise AssertionError("the point's workers never became ready")
+
+
 def test_a_point_whose_host_dies_is_rerun_elsewhere(cluster, tmp_path):
     c, hosts = cluster
     hosts.append(c.add_node(**NODE, resources={HOST_RESOURCE: 1}))  # the one we may lose
@@ -144,6 +162,7 @@ def test_a_point_whose_host_dies_is_rerun_elsewhere(cluster, tmp_path):
             result["error"] = e
 
     t = threading.Thread(target=sweep)
+    since = time.time() - 1
     t.start()
     victim = None
     deadline = time.monotonic() + 60
@@ -156,10 +175,15 @@ def test_a_point_whose_host_dies_is_rerun_elsewhere(cluster, tmp_path):
             victim = entry["host"]["node_id"]
         time.sleep(0.1)
     assert victim, f"the point never started: {result}"
+    victim_dir, workers = victim_workers(since)
     c.remove_node(next(h for h in hosts if h.node_id == victim))
     hosts[:] = [h for h in hosts if h.node_id != victim]
     t.join(timeout=120)
     assert not t.is_alive() and "error" not in result, result
+    # the lost host's workers went with it (their parent's death ends them), none left behind
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers of the lost host left behind: {alive}"
+    shutil.rmtree(victim_dir, ignore_errors=True)  # a lost host does not clean up its run folder
     assert result["outcome"].ran == ("bert-tiny_noop_fp32_s8_b1_n1_r0",)
     entry = json.loads((out_dir / "manifest.json").read_text())["points"][0]
     assert entry["status"] == "ok"
@@ -198,3 +222,66 @@ def test_fleet_launch_measures_every_host_from_a_common_start(cluster, tmp_path)
     assert f["throughput"] == pytest.approx(20 / f["window_s"]) and f["throughput"] <= f["throughput_sum"]
     for d in doc["documents"].values():  # each host planned and ran the request itself
         assert d["status"] == "ok" and len(d["plan"]["instances"]) == 1 and d["plan"]["batch"] == 2
+
+
+def test_serve_routes_across_hosts_sheds_load_and_survives_a_host(cluster, tmp_path, monkeypatch):
+    import numpy as np
+
+    from numabench.cluster.serve import run_cluster_serve
+    from numabench.daemon.client import Client
+    from numabench.daemon.server import ServeOptions
+
+    c, hosts = cluster
+    monkeypatch.setenv("NUMABENCH_RUNTIME_DIR", str(tmp_path / "runtime"))
+    # one instance per host, one request queued behind it: each host holds 2 requests at most
+    opts = ServeOptions(model="bert-tiny", backend="noop", backend_options={"compute_ns": 1_000_000_000},
+                        warmup=0, queue_size=1, binder="taskset", ready_timeout_s=120)
+    started, box = threading.Event(), {}
+
+    def on_ready(front):
+        box["endpoint"] = front.endpoint
+        started.set()
+
+    def serve():
+        try:
+            box["rc"] = run_cluster_serve(c.address, 2, {"instances": 1}, opts, bind="tcp://127.0.0.1:0",
+                                          on_ready=on_ready)
+        except Exception as e:
+            box["error"] = e
+            started.set()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        assert started.wait(120) and "error" not in box, box
+        ids = np.zeros((1, 8), dtype=np.int64)
+        with Client(box["endpoint"], timeout_s=60) as cl:
+            r = cl.infer(input_ids=np.zeros((1, 600), dtype=np.int64))
+            assert r.status == "error" and "no host serves 600 tokens (hosts serve 1-512)" in r.reason
+
+            sent = [cl.send_infer(input_ids=ids) for _ in range(5)]
+            replies = [cl.wait(rid) for rid in sent]
+            assert [x.status for x in replies] == ["ok"] * 4 + ["busy"], [x.header for x in replies]
+            assert "busy" in replies[4].reason
+            served_by = [x.header["host"]["node_id"] for x in replies[:4]]
+            assert set(served_by) == node_ids(hosts) and served_by.count(served_by[0]) == 2
+            assert all(x.compute_ns >= 1_000_000_000 for x in replies[:4])
+
+            # a host dies with a request in flight: it is retried once on the other one
+            sent = [cl.send_infer(input_ids=ids) for _ in range(2)]
+            doc = cl.status()
+            assert [h["inflight"] for h in doc["hosts"]] == [1, 1]
+            victim = doc["hosts"][0]["host"]["node_id"]
+            c.remove_node(next(h for h in hosts if h.node_id == victim))
+            hosts[:] = [h for h in hosts if h.node_id != victim]
+            replies = [cl.wait(rid) for rid in sent]
+            assert [x.status for x in replies] == ["ok", "ok"], [x.header for x in replies]
+            assert {x.header["host"]["node_id"] for x in replies} == node_ids(hosts)
+            assert sorted(x.header["retried"] for x in replies) == [False, True]
+            doc = cl.status()
+            assert [h["host"]["node_id"] for h in doc["hosts"]] == [hosts[0].node_id]
+            assert [h["node_id"] for h in doc["removed"]] == [victim]
+            cl.stop()
+    finally:
+        t.join(60)  # after STOP (or a failed assertion's Client close and the fixture's shutdown)
+    assert not t.is_alive() and box.get("rc") == 0, box

@@ -34,6 +34,15 @@ def host_count(ray) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(HOST_RESOURCE))
 
 
+def on_this_node(ray) -> dict:
+    """Ray options that keep a small coordinating actor (a barrier, a tracker) on the driver's
+    node: it must outlive any host that fails, and the driver's node is the one that cannot."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 @contextlib.contextmanager
 def connect(address: str) -> Iterator[object]:
     """The `ray` module, connected to `address` for the duration of the block.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from numabench import __version__
-from numabench.cluster.connect import HOST_RESOURCE
+from numabench.cluster.connect import HOST_RESOURCE, on_this_node
 from numabench.cluster.hosts import mixed_types_warning
 from numabench.errors import LaunchError, NumabenchError
 
@@ -186,7 +186,7 @@ def run_fleet(address: str, hosts: int | None, plan_args: dict[str, Any], worklo
         if n < 1 or n > have:
             raise NumabenchError(f"--hosts {n}: the cluster has {have} host(s) advertising "
                                  f"{HOST_RESOURCE!r}; choose 1 to {have}, or add hosts (docs/cluster.md)")
-        barrier = ray.remote(num_cpus=0)(_Barrier).remote(n)
+        barrier = ray.remote(**on_this_node(ray))(_Barrier).remote(n)
         member = ray.remote(num_cpus=0, resources={HOST_RESOURCE: 1}, max_retries=0)(fleet_member)
         refs = [member.remote(plan_args, plan_text, workload, launch_opts, barrier,
                               launch_opts.ready_timeout_s) for _ in range(n)]

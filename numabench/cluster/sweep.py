@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from numabench.cluster.connect import HOST_RESOURCE
+from numabench.cluster.connect import HOST_RESOURCE, on_this_node
 from numabench.cluster.hosts import HostInfo, mixed_types_warning
 from numabench.errors import LaunchError, NumabenchError
 
@@ -112,7 +112,7 @@ class RayPointExecutor:
     def run(self, sweep, todo: list[int]):
         ray = self.ray
         task = ray.remote(num_cpus=0, resources={HOST_RESOURCE: 1}, max_retries=0)(run_point_on_host)
-        tracker = ray.remote(num_cpus=0)(_Tracker).remote()
+        tracker = ray.remote(**on_this_node(ray))(_Tracker).remote()
         running: dict[Any, int] = {}  # object ref -> point index
         where: dict[tuple[int, int], dict[str, Any]] = {}  # (point, attempt) -> host
 
