@@ -20,6 +20,10 @@ class RayUnavailable(NumabenchError):
     """Ray is not installed, or no cluster answers at the address given."""
 
 
+class ClusterInterrupted(NumabenchError):
+    exit_code = 130
+
+
 def require_ray():
     try:
         import ray
@@ -58,8 +62,51 @@ def connect(address: str) -> Iterator[object]:
         return
     common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                   configure_logging=True)
+    local = address == "local"
+    try:
+        _init(ray, address, common)
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts: take down whatever it started
+        _shutdown(ray, local)
+        raise ClusterInterrupted(f"interrupted while connecting to Ray (--ray {address})") from None
+    except BaseException:
+        _shutdown(ray, local)
+        raise
+    try:
+        if not host_count(ray):
+            raise RayUnavailable(f"--ray {address}: the cluster has no host advertising the "
+                                 f"{HOST_RESOURCE!r} resource; " + START_HINT)
+        yield ray
+    except KeyboardInterrupt:  # outside a sweep's or launch's own handling (which say more)
+        raise ClusterInterrupted("interrupted; the work sent to the cluster was stopped") from None
+    finally:
+        _shutdown(ray, local)
+
+
+def _shutdown(ray, local: bool) -> None:
+    """Leave the cluster; with `local`, make sure every process Ray started here is gone (its
+    agents can outlive an interrupted start or shutdown, orphaned)."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True) if local else []
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def _init(ray, address: str, common: dict) -> None:
     if address == "local":
-        ray.init(num_cpus=min(os.cpu_count() or 1, 2), resources={HOST_RESOURCE: 1},
+        # address="local": a new instance even where a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=min(os.cpu_count() or 1, 2), resources={HOST_RESOURCE: 1},
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
     else:
         try:
@@ -67,10 +114,3 @@ def connect(address: str) -> Iterator[object]:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise RayUnavailable(f"--ray {address}: no Ray cluster answers there ({str(e).splitlines()[0]}); "
                                  + START_HINT) from None
-    try:
-        if not host_count(ray):
-            raise RayUnavailable(f"--ray {address}: the cluster has no host advertising the "
-                                 f"{HOST_RESOURCE!r} resource; " + START_HINT)
-        yield ray
-    finally:
-        ray.shutdown()
