@@ -512,7 +512,12 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_addres
         click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
                    f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
         return
-    machine = read_machine("/")
+    if ray_address:  # --dry-run: validate against the cluster's hosts, not this machine
+        from numabench.cluster.sweep import reference_machine
+
+        machine = reference_machine(ray_address)
+    else:
+        machine = read_machine("/")
     if dry_run:
         exp, points, plans = plan_sweep(experiment, machine)
         click.echo(f"{exp.name} ({exp.kind}): {len(points)} points, all valid on this machine")

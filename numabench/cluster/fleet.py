@@ -173,6 +173,7 @@ def run_fleet(address: str, hosts: int | None, plan_args: dict[str, Any], worklo
     import sys
 
     from numabench.cluster.connect import connect, host_count
+    from numabench.launcher.launch import default_run_dir
 
     stream = stream or sys.stderr
     if workload.text_file:
@@ -216,14 +217,20 @@ def run_fleet(address: str, hosts: int | None, plan_args: dict[str, Any], worklo
                     ray.cancel(ref, force=True)
             ray.kill(barrier)
     doc = fleet_document(list(outs.values()), lost, plan_args, workload)
-    if output is not None:
-        from numabench.results import write_json_atomic
+    run_dir = Path(launch_opts.run_dir or default_run_dir())
+    for o in outs.values():  # each host's logs, as a local launch keeps them
+        for name, text in o["logs"].items():
+            path = run_dir / "hosts" / f"{o['host']['hostname']}-{o['host']['node_id'][:8]}" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    from numabench.results import write_json_atomic
 
-        write_json_atomic(output, doc)
-        stream.write(f"fleet results: {output}\n")
+    for path in [run_dir / "fleet.json"] + ([output] if output is not None else []):
+        write_json_atomic(path, doc)
+    stream.write(f"fleet results: {', '.join(str(p) for p in [run_dir / 'fleet.json', output] if p)}\n")
     if doc["status"] != "ok":
         raise LaunchError("fleet launch failed: " + "; ".join(doc["errors"])
-                          + (f"; partial results in {output}" if output else ""))
+                          + f"; partial results and each host's logs in {run_dir}")
     return doc
 
 

@@ -208,21 +208,36 @@ def _short(host: dict[str, Any] | None) -> str:
     return f"{host['hostname']}/{host['node_id'][:8]}" if host else "(not yet known)"
 
 
+def _reference(ray):
+    """(hosts, machine): every host's description, and the topology of the first host of the most
+    common machine type, against which the experiment is expanded and validated."""
+    from collections import Counter
+
+    from numabench.cluster.hosts import probe_hosts
+
+    probed = probe_hosts(ray)
+    common = Counter(h.machine_type for h, _ in probed).most_common(1)[0][0]
+    return [h for h, _ in probed], next(m for h, m in probed if h.machine_type == common)
+
+
+def reference_machine(address: str):
+    """The machine a `sweep --ray --dry-run` validates against (see `_reference`)."""
+    from numabench.cluster.connect import connect
+
+    with connect(address) as ray:
+        return _reference(ray)[1]
+
+
 def run_cluster_sweep(address: str, experiment_file, out_dir=None, *, resume: bool = False,
                       launch_opts=None, stream=None):
     """`numabench sweep EXP --ray ADDRESS`: points expanded and validated against a host's
     machine (the first host of the most common type), then run across all hosts."""
-    from collections import Counter
-
     from numabench.cluster.connect import connect
-    from numabench.cluster.hosts import probe_hosts
     from numabench.experiments.runner import run_sweep
     from numabench.launcher.launch import LaunchOptions
 
     with connect(address) as ray:
-        probed = probe_hosts(ray)
-        common = Counter(h.machine_type for h, _ in probed).most_common(1)[0][0]
-        reference = next(m for h, m in probed if h.machine_type == common)
-        executor = RayPointExecutor(ray, [h for h, _ in probed], launch_opts or LaunchOptions())
+        hosts, reference = _reference(ray)
+        executor = RayPointExecutor(ray, hosts, launch_opts or LaunchOptions())
         return run_sweep(reference, experiment_file, out_dir, resume=resume, launch_opts=launch_opts,
                          stream=stream, executor=executor)
