@@ -122,11 +122,12 @@ class RayPointExecutor:
             running[ref] = k
 
         def news() -> None:
-            for (k, attempt), host in ray.get(tracker.drain.remote()):
+            started = ray.get(tracker.drain.remote())
+            for (k, attempt), host in started:
                 where[(k, attempt)] = host
-                p = sweep.points[k]
-                sweep.entry(k, p, "running", host=host, machine_type=host["machine_type"])
-            sweep.write_manifest("running")
+                sweep.entry(k, sweep.points[k], "running", host=host, machine_type=host["machine_type"])
+            if started:
+                sweep.write_manifest("running")
 
         if self.mixed:
             sweep.say(f"warning: {self.mixed}")
@@ -149,7 +150,8 @@ class RayPointExecutor:
                     yield k
                     continue
                 except ray.exceptions.RayError as e:  # the host (node, raylet or worker) is gone
-                    what = f"host {_short(host)} lost mid-point: {type(e).__name__}"
+                    what = (f"host {_short(host)} lost mid-point: {type(e).__name__} (the host, its "
+                            "Ray node or the point's Ray worker died)")
                     self.attempts[k].append({"host": host, "status": "failed", "error": what})
                     if attempt < self.retries:
                         sweep.say(f"  {sweep.points[k].label}: {what}; rerunning it on another host")
