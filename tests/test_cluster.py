@@ -35,10 +35,9 @@ backend: noop
 seq: [8, 16]
 batch: 1
 instances: 1
-repetitions: 2
 iterations: 4
 warmup: 1
-backend_options: {compute_ns: 100000000}
+backend_options: {compute_ns: 50000000}
 """
 
 
@@ -85,7 +84,7 @@ def test_sweep_spreads_points_over_hosts_like_a_local_sweep(cluster, tmp_path):
     exp.write_text(NOOP)
     log = io.StringIO()
     out = run_cluster_sweep(c.address, exp, tmp_path / "ray", launch_opts=OPTS, stream=log)
-    assert len(out.ran) == 4 and not out.failed, log.getvalue()
+    assert len(out.ran) == 2 and not out.failed, log.getvalue()
     local = run_sweep(read_machine("/"), exp, tmp_path / "local", launch_opts=OPTS, stream=io.StringIO())
     assert sorted(local.ran) == sorted(out.ran)
 
@@ -112,7 +111,7 @@ def test_sweep_spreads_points_over_hosts_like_a_local_sweep(cluster, tmp_path):
     (tmp_path / "ray" / "points" / f"{out.ran[0]}.json").unlink()
     again = run_cluster_sweep(c.address, exp, tmp_path / "ray", resume=True, launch_opts=OPTS,
                               stream=io.StringIO())
-    assert again.ran == (out.ran[0],) and len(again.skipped) == 3
+    assert again.ran == (out.ran[0],) and again.skipped == out.ran[1:]
 
 
 LONG = """\
