@@ -181,16 +181,17 @@ class _Pending:
 
 
 class FrontEnd:
-    def __init__(self, ray, hosts: list[_Host], bind: str, max_request_bytes: int):
+    def __init__(self, ray, hosts: list[_Host], bind: str, opts, plan_args: dict[str, Any]):
         import zmq
 
         self.ray, self.hosts = ray, {h.key: h for h in hosts}
+        self.opts, self.plan_args, self.started = opts, plan_args, time.monotonic()
         self.pending: dict[Any, _Pending] = {}  # object ref -> request
         self.removed: list[dict[str, Any]] = []
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, opts.max_request_bytes)
         if bind.startswith("tcp://") and bind.endswith(":0"):
             bind = f"{bind[:-2]}:{self.sock.bind_to_random_port(bind[:-2])}"
         else:
@@ -318,11 +319,21 @@ class FrontEnd:
                 d = {"state": f"unreachable ({type(e).__name__})"}
             hosts.append({"host": h.info, "inflight": h.inflight, "capacity": h.capacity,
                           "served": h.served, "ranges": [list(r) for r in h.ranges], "daemon": d})
+        # Shaped like one daemon's status (so `numabench status` renders it), each pool and
+        # instance prefixed with its host; the per-host documents are under "hosts".
+        def tag(x: dict[str, Any], d: dict[str, Any], key: str) -> dict[str, Any]:
+            return {**d, key: f"{x['host']['hostname']}/{x['host']['node_id'][:6]}:{d[key]}"}
+
+        o = self.opts
         return {"pid": os.getpid(), "endpoint": self.endpoint, "front_end": "ray",
                 "state": "stopping" if self.stopping else ("serving" if hosts else "failed"),
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "model": o.model, "backend": o.backend, "precision": o.precision,
+                "plan": {"file": self.plan_args.get("plan_file"), "name": None},
+                "run_dir": f"(on each of {len(hosts)} hosts)", "metrics_port": None,
                 "hosts": hosts, "removed": self.removed,
-                "pools": [p for x in hosts for p in x["daemon"].get("pools", [])],
-                "instances": [i for x in hosts for i in x["daemon"].get("instances", [])]}
+                "pools": [tag(x, p, "name") for x in hosts for p in x["daemon"].get("pools", [])],
+                "instances": [tag(x, i, "pool") for x in hosts for i in x["daemon"].get("instances", [])]}
 
 
 def _raise_interrupt(signum, frame):
@@ -355,12 +366,14 @@ def run_cluster_serve(address: str, hosts: int | None, plan_args: dict[str, Any]
                              max_concurrency=ACTOR_THREADS)(HostDaemon)
             actors = [cls.remote(plan_args, plan_text, opts) for _ in range(n)]
             try:
-                front = _start_front(ray, actors, bind, opts)
+                front = _start_front(ray, actors, bind, opts, plan_args)
                 # The state file lets `numabench client/status/stop` find the front end, unless
                 # a daemon of this user's already owns it (then they need --endpoint).
                 other = endpoints.read_state()
                 state = None if other and endpoints.pid_alive(other.get("pid")) else endpoints.write_state(
                     {"pid": os.getpid(), "endpoint": front.endpoint, "front_end": "ray", "hosts": n})
+                log.info("front end listening on %s (numabench client/status/stop%s)", front.endpoint,
+                         "" if state else f" with --endpoint {front.endpoint}")
                 if on_ready:
                     on_ready(front)
                 try:
@@ -383,7 +396,7 @@ def run_cluster_serve(address: str, hosts: int | None, plan_args: dict[str, Any]
     return 0
 
 
-def _start_front(ray, actors, bind: str, opts) -> FrontEnd:
+def _start_front(ray, actors, bind: str, opts, plan_args: dict[str, Any]) -> FrontEnd:
     try:
         ready = ray.get([a.wait_ready.remote(opts.ready_timeout_s) for a in actors])
     except ray.exceptions.RayTaskError as e:
@@ -393,7 +406,7 @@ def _start_front(ray, actors, bind: str, opts) -> FrontEnd:
     log.info("%d hosts serving: %s", len(ready),
              ", ".join(f"{r['host']['hostname']}/{r['host']['node_id'][:8]}" for r in ready))
     return FrontEnd(ray, [_Host(a, r["host"], tuple(tuple(x) for x in r["pools"]), max(r["capacity"], 1))
-                          for a, r in zip(actors, ready)], bind, opts.max_request_bytes)
+                          for a, r in zip(actors, ready)], bind, opts, plan_args)
 
 
 def _stop_all(ray, actors) -> None:
