@@ -110,3 +110,18 @@ def test_the_runner_records_points_an_executor_ran_elsewhere(tmp_path):
     doc = json.loads((tmp_path / "out" / "points" / "bert-tiny_noop_fp32_s32_b1_n1_r0.json").read_text())
     assert doc["experiment"]["point"]["seq"] == 32 and doc["summary"]["throughput"] == 32.0
     assert not (tmp_path / "out" / "points" / "bert-tiny_noop_fp32_s16_b1_n1_r0.json").exists()
+
+
+def numabench(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "numabench.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_hosts_without_ray_is_refused_by_name():
+    r = numabench("launch", "--hosts", "2", "--backend", "noop", "--model", "bert-tiny")
+    assert r.returncode == 2 and "--hosts needs --ray ADDRESS" in r.stderr
+    r = numabench("serve", "--hosts", "2", "--backend", "noop", "--model", "bert-tiny")
+    assert r.returncode == 2 and "--hosts needs --ray ADDRESS" in r.stderr
