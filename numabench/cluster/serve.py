@@ -150,6 +150,10 @@ class HostDaemon:
             with Client(self.endpoint, timeout_s=60) as c:
                 c.stop()
         self.thread.join(timeout=30)
+        if not self.thread.is_alive():  # stopped cleanly: its socket, state file and logs go
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --- the front end ---------------------------------------------------------------------------

@@ -126,6 +126,7 @@ class RayPointExecutor:
             for (k, attempt), host in started:
                 where[(k, attempt)] = host
                 sweep.entry(k, sweep.points[k], "running", host=host, machine_type=host["machine_type"])
+                sweep.say(f"  started on {_short(host)}: {sweep.points[k].label}")
             if started:
                 sweep.write_manifest("running")
 
