@@ -62,6 +62,10 @@ def test_no_cluster_is_a_clear_error(tmp_path):
 def cluster():
     from ray.cluster_utils import Cluster
 
+    # Ray's memory monitor would kill our tiny workers when *other* work fills this shared
+    # machine; a point lost that way is retried, but the tests should not depend on it.
+    old = os.environ.get("RAY_memory_monitor_refresh_ms")
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     # The head schedules nothing of ours (no host resource): the driver's side of the cluster.
     c = Cluster(initialize_head=True, connect=True,
                 head_node_args=dict(NODE, include_dashboard=False, resources={"driver": 1}))
@@ -72,6 +76,10 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+        if old is None:
+            os.environ.pop("RAY_memory_monitor_refresh_ms", None)
+        else:
+            os.environ["RAY_memory_monitor_refresh_ms"] = old
 
 
 def node_ids(handles) -> set[str]:
@@ -221,6 +229,14 @@ def test_fleet_launch_measures_every_host_from_a_common_start(cluster, tmp_path)
     assert f["throughput"] == pytest.approx(20 / f["window_s"]) and f["throughput"] <= f["throughput_sum"]
     for d in doc["documents"].values():  # each host planned and ran the request itself
         assert d["status"] == "ok" and len(d["plan"]["instances"]) == 1 and d["plan"]["batch"] == 2
+
+    # a request no host can plan: every host says why, the fleet fails, its document is written
+    bad = LaunchOptions(binder="taskset", progress=False, run_dir=tmp_path / "bad")
+    with pytest.raises(NumabenchError, match="fleet launch failed: on host .*99 instances") as e:
+        run_fleet(c.address, 2, {"instances": 99}, workload, bad, stream=io.StringIO())
+    assert str(tmp_path / "bad") in str(e.value)
+    failed = json.loads((tmp_path / "bad" / "fleet.json").read_text())
+    assert failed["status"] == "failed" and len(failed["errors"]) == 2
 
 
 def test_serve_routes_across_hosts_sheds_load_and_survives_a_host(cluster, tmp_path, monkeypatch):
