@@ -110,6 +110,18 @@ class RayPointExecutor:
         return out
 
     def run(self, sweep, todo: list[int]):
+        self._gen = self._run(sweep, todo)
+        return self._gen
+
+    def close(self) -> None:
+        """Stop the points still out there. The runner leaves its loop over `run` on Ctrl-C or
+        an error while the generator may still hold running tasks: closing it runs its cleanup
+        now, while this process is still connected to Ray, not whenever it is collected."""
+        gen = getattr(self, "_gen", None)
+        if gen is not None:
+            gen.close()
+
+    def _run(self, sweep, todo: list[int]):
         ray = self.ray
         task = ray.remote(num_cpus=0, resources={HOST_RESOURCE: 1}, max_retries=0)(run_point_on_host)
         tracker = ray.remote(**on_this_node(ray))(_Tracker).remote()
@@ -174,9 +186,14 @@ class RayPointExecutor:
                 refs = list(running)
                 for ref in refs:
                     ray.cancel(ref, force=False)  # KeyboardInterrupt on the host: workers stopped
-                ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
+                stopped, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
                 for ref in refs:
                     ray.cancel(ref, force=True)
+                for ref in stopped:  # keep the interrupted attempts' logs, as a local sweep does
+                    try:
+                        self._write_logs(sweep, running[ref], ray.get(ref, timeout=5)["logs"])
+                    except (ray.exceptions.RayError, OSError):
+                        pass
             ray.kill(tracker)
 
     def _finish(self, k: int, sweep, outcome, host: dict[str, Any] | None) -> None:
@@ -242,5 +259,8 @@ def run_cluster_sweep(address: str, experiment_file, out_dir=None, *, resume: bo
     with connect(address) as ray:
         hosts, reference = _reference(ray)
         executor = RayPointExecutor(ray, hosts, launch_opts or LaunchOptions())
-        return run_sweep(reference, experiment_file, out_dir, resume=resume, launch_opts=launch_opts,
-                         stream=stream, executor=executor)
+        try:
+            return run_sweep(reference, experiment_file, out_dir, resume=resume,
+                             launch_opts=launch_opts, stream=stream, executor=executor)
+        finally:
+            executor.close()
