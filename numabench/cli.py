@@ -84,6 +84,11 @@ binder_option = click.option(
 allocator_option = click.option(
     "--allocator", type=click.Choice(ALLOCATORS), default=ALLOCATORS[0],
     show_default=True, help="Preload an allocator library in every worker (recorded in the results).")
+# Shared by launch, serve and sweep: run on a Ray cluster's hosts (docs/cluster.md).
+ray_option = click.option(
+    "--ray", "ray_address", metavar="ADDRESS",
+    help="Run on a Ray cluster: auto (the running cluster), HOST:PORT, or local (one started for "
+         "this run). Each host must advertise the numabench_host resource.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -315,12 +320,14 @@ def plan_validate(ctx, plan_file, root):
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Also write the results JSON here (its folder must exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+@ray_option
+@click.option("--hosts", type=int, help="With --ray: launch on this many hosts at once (default: all).")
 @user_errors
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
                run_dir, output, as_json, cache_dir, ort_opt_level, share_weights, keep_weights,
-               weights_dir):
+               weights_dir, ray_address, hosts):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -337,6 +344,11 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
     from numabench.results import render_summary
     from numabench.topology import read_machine
 
+    plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
+                     batch=batch, smt=smt, preset=preset, nodes=_list_option(nodes, "node"),
+                     cpus=_list_option(cpus, "CPU"), core_kind=core_kind, leftover=leftover)
+    if hosts is not None and not ray_address:
+        raise NumabenchError("--hosts needs --ray ADDRESS (a cluster to launch on)")
     options = {"compute_ns": round(compute_us * 1000)} if compute_us is not None else {}
     if (cache_dir or ort_opt_level) and backend != "onnxruntime":
         raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")
@@ -354,11 +366,14 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                          keep_weights=keep_weights,
                          weights_dir=str(Path(weights_dir).resolve()) if weights_dir else None)
     check_options(opts)  # destinations first: a bad -o is found before the machine is read
-    machine = read_machine("/")
-    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
-                           cores_per_instance=cores_per_instance, batch=batch, smt=smt, preset=preset,
-                           nodes=_list_option(nodes, "node"), cpus=_list_option(cpus, "CPU"),
-                           core_kind=core_kind, leftover=leftover)
+    if ray_address:  # the same plan on N cluster hosts with a common start (docs/cluster.md)
+        from numabench.cluster.fleet import render_fleet, run_fleet
+
+        doc = run_fleet(ray_address, hosts, plan_args, workload, opts, Path(output) if output else None)
+        click.echo(json.dumps(doc["fleet"], indent=1) if as_json else render_fleet(doc))
+        return
+    machine = read_machine("/")  # with --ray each host reads and plans for itself
+    plan = plan_for_launch(machine, **plan_args)
     check_workload(plan, workload)
 
     def saved(paths):
@@ -415,10 +430,13 @@ endpoint_option = click.option(
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for the instance logs (default runs/serve-<time>-<pid>).")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on 127.0.0.1:PORT (off by default).")
+@ray_option
+@click.option("--hosts", type=int, help="With --ray: run a daemon on this many hosts (default: all).")
 @user_errors
 def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, bind,
               allow_public_bind, queue_size, max_batch, max_wait_ms, pad, max_rows, max_request_mb,
-              request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port):
+              request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port,
+              ray_address, hosts):
     """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
 
     \b
@@ -435,9 +453,14 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="[serve] %(asctime)s %(levelname)s %(message)s")
-    machine = read_machine("/")
-    plan = plan_for_launch(machine, plan_file=plan_file, instances=instances,
-                           cores_per_instance=cores_per_instance, smt=smt)
+    plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
+                     smt=smt)
+    if metrics_port is not None and ray_address:
+        raise NumabenchError("--metrics-port is per daemon; with --ray use each host's daemon status")
+    if hosts is not None and not ray_address:
+        raise NumabenchError("--hosts needs --ray ADDRESS (a cluster to serve on)")
+    machine = None if ray_address else read_machine("/")  # with --ray each host plans for itself
+    plan = None if ray_address else plan_for_launch(machine, **plan_args)
     options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
     opts = ServeOptions(
         model=model, backend=backend, precision=precision, seed=seed, backend_options=options,
@@ -446,6 +469,10 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
         max_request_bytes=int(max_request_mb * (1 << 20)), request_timeout_s=request_timeout,
         binder=binder, allocator=allocator, run_dir=Path(run_dir) if run_dir else None,
         metrics_port=metrics_port)
+    if ray_address:  # a daemon per cluster host behind one front end here (docs/cluster.md)
+        from numabench.cluster.serve import run_cluster_serve
+
+        sys.exit(run_cluster_serve(ray_address, hosts, plan_args, opts, bind=bind))
     sys.exit(serve(plan, opts, plan_file=str(Path(plan_file).resolve()) if plan_file else None,
                    machine=machine))
 
@@ -543,8 +570,9 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @click.option("--dry-run", is_flag=True, help="Validate every point against this machine and list them; run nothing.")
 @binder_option
 @allocator_option
+@ray_option
 @user_errors
-def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
+def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_address):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
@@ -557,7 +585,20 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
     from numabench.launcher.launch import LaunchOptions
     from numabench.topology import read_machine
 
-    machine = read_machine("/")
+    if ray_address and not dry_run:  # each point runs on a whole cluster host (docs/cluster.md)
+        from numabench.cluster.sweep import run_cluster_sweep
+
+        outcome = run_cluster_sweep(ray_address, experiment, output, resume=resume,
+                                    launch_opts=LaunchOptions(binder=binder, allocator=allocator))
+        click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
+                   f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
+        return
+    if ray_address:  # --dry-run: validate against the cluster's hosts, not this machine
+        from numabench.cluster.sweep import reference_machine
+
+        machine = reference_machine(ray_address)
+    else:
+        machine = read_machine("/")
     if dry_run:
         exp, points, plans = plan_sweep(experiment, machine)
         click.echo(f"{exp.name} ({exp.kind}): {len(points)} points, all valid on this machine")

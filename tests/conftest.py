@@ -45,3 +45,8 @@ def _unpack(tarball: Path, base: Path) -> Path:
         except TypeError:  # Python without extraction filters
             tar.extractall(dest)  # trusted test data
     return dest / tops.pop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: runs on a Ray test cluster (tests/test_cluster.py); "
+                                       "skipped where Ray is not installed")

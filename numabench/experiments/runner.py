@@ -109,10 +109,14 @@ def _hold_signals() -> None:
 
 class _Sweep:
     def __init__(self, machine: Machine, exp: Experiment, experiment_text: str, points, plans,
-                 out_dir: Path, launch_opts, stream: TextIO, clock: Callable[[], float]):
+                 out_dir: Path, launch_opts, stream: TextIO, clock: Callable[[], float],
+                 executor=None):
         self.machine, self.exp, self.points, self.plans = machine, exp, points, plans
         self.out_dir, self.launch_opts, self.stream, self.clock = out_dir, launch_opts, stream, clock
         self.experiment_text = experiment_text
+        # Where points run: None = here, one after the other; else an object that runs them
+        # elsewhere (numabench.cluster.sweep.RayPointExecutor) and yields each as it finishes.
+        self.executor = executor
         self.entries: dict[str, dict[str, Any]] = {}
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -154,8 +158,10 @@ class _Sweep:
         self.entries[p.id] = e
 
     def run_point(self, k: int, p: Point, plan) -> dict[str, Any]:
-        """Launch one point and save its results file; raises what the launch raised."""
-
+        """Launch one point (here, or through the executor) and save its results file; raises
+        what the launch raised."""
+        if self.executor is not None:  # it ran elsewhere: its document (or error) is back
+            return self._record(k, p, self.executor.result(k))
         run_dir = self.out_dir / RUNS_DIR / p.id
         if run_dir.exists():  # an earlier failed or interrupted attempt: keep its logs aside
             attempt = 1
@@ -163,10 +169,11 @@ class _Sweep:
                 attempt += 1
             run_dir.rename(run_dir.with_name(f"{p.id}.attempt-{attempt}"))
         opts = replace(self.launch_opts, run_dir=run_dir, output=None)
-        result = run_launch(self.machine, plan, p.workload(), opts)
-        doc = replace(result, experiment={
-            "name": self.exp.name, "kind": self.exp.kind, "point_id": p.id, "index": k,
-            "total": len(self.points), "point": p.to_dict()}).to_dict()
+        return self._record(k, p, run_launch(self.machine, plan, p.workload(), opts).to_dict())
+
+    def _record(self, k: int, p: Point, doc: dict[str, Any]) -> dict[str, Any]:
+        doc["experiment"] = {"name": self.exp.name, "kind": self.exp.kind, "point_id": p.id,
+                             "index": k, "total": len(self.points), "point": p.to_dict()}
         write_json_atomic(point_file(self.out_dir, p), doc)
         return doc
 
@@ -218,12 +225,12 @@ class _Sweep:
     def _points(self, todo: list[int], skipped: tuple[str, ...], total: int) -> SweepOutcome:
         ran, failed, durations = [], [], []
         done = len(skipped)
-        for k in todo:
+        for k in todo if self.executor is None else self.executor.run(self, todo):
             p = self.points[k]
             self.say(f"[{done + 1}/{total}] {p.label}")
             self.entry(k, p, "running", started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
             self.write_manifest("running")
-            t0 = self.clock()
+            t0 = self.clock() - (self.executor.seconds(k) if self.executor is not None else 0.0)
             try:
                 doc = self.run_point(k, p, self.plans[k])
             except (KeyboardInterrupt, RunInterrupted) as e:
@@ -262,9 +269,10 @@ class _Sweep:
 
 def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path | None = None,
               *, resume: bool = False, launch_opts=None, stream: TextIO | None = None,
-              clock: Callable[[], float] = time.monotonic) -> SweepOutcome:
+              clock: Callable[[], float] = time.monotonic, executor=None) -> SweepOutcome:
     """Run (or resume) a sweep; raises SweepInterrupted on Ctrl-C / SIGTERM, LaunchError when
-    points failed (after running all the others)."""
+    points failed (after running all the others). `executor` runs the points elsewhere (see
+    _Sweep.executor); by default they run here."""
     experiment_file = Path(experiment_file)
     experiment_text = read_yaml_file(experiment_file, "experiment", ExperimentError)
     exp, points, plans = plan_sweep(experiment_file, machine)
@@ -277,7 +285,7 @@ def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path
         raise ExperimentError(f"{out} exists and is not a folder")
     opts = launch_opts or LaunchOptions()
     sweep = _Sweep(machine, exp, experiment_text, points, plans, out, opts,
-                   stream or sys.stderr, clock)
+                   stream or sys.stderr, clock, executor)
     # SIGTERM or SIGHUP between points stops the sweep as cleanly as Ctrl-C (run_launch handles
     # them inside a point).
     import threading

@@ -457,6 +457,8 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
                     run.spawn(group, coord)
                     run.wait_ready(coord)
                     run.sample_memory("ready")
+                    if opts.before_measure is not None:
+                        opts.before_measure()
                     run.measure(coord)
                     run.sample_memory("measured")
                     coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)

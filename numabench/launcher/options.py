@@ -6,6 +6,7 @@ and defaults from here without loading numpy or ZeroMQ.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,6 @@ class LaunchOptions:
     keep_weights: bool = False  # keep the tmpfs weights copies for the next run
     weights_dir: str | None = None  # where the per-node weights copies go (default /dev/shm/...)
     weights_cache_dir: str | None = None  # the weights cache on disk (default ~/.cache/...)
+    # Called once every instance is READY, just before the clock starts; it may block (a fleet's
+    # common start barrier across hosts, numabench.cluster.fleet) or raise NumabenchError to stop.
+    before_measure: Callable[[], None] | None = None
