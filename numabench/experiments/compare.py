@@ -7,7 +7,7 @@ latency p50/p90, its median request latency); the sides are compared on those ru
 - `ratio`: median(B) / median(A);
 - `ci`: 95% bootstrap percentile interval of that ratio (10,000 resamples of each side's runs,
   seeded, so the same inputs always give the same answer);
-- `p`: two-sided permutation test of |log median(B) - log median(A)| over every relabelling
+- `p`: two-sided rank-sum (Mann-Whitney) test of the run values, exact over every relabelling
   of the runs (or 20,000 random ones when there are more);
 - `verdict`: `better` / `worse` only when the interval excludes 1 (significant) AND the shift is
   robust: at least MIN_EFFECT, and at least NOISE_K standard errors of the run-to-run noise
@@ -213,26 +213,35 @@ def bootstrap_ci(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP,
     return float(lo), float(hi)
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks; ties get their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
 def permutation_p(a: np.ndarray, b: np.ndarray, permutations: int = PERMUTATIONS,
                   seed: int = SEED) -> float:
-    """Two-sided p of |log median(B) - log median(A)| under relabelling of the runs."""
-    x = np.log(np.concatenate([a, b]))
-    n, na = len(x), len(a)
-    observed = abs(np.median(x[na:]) - np.median(x[:na]))
-    if math.comb(n, na) <= permutations:  # exact: every relabelling once
-        idx = np.array(list(itertools.combinations(range(n), na)))
+    """Two-sided rank-sum (Mann-Whitney) test on run values, by relabelling the runs.
+
+    Exact (every relabelling once) while there are at most `permutations` of them, else that many
+    random relabellings plus the observed one. Ranks: one wild run cannot dominate.
+    """
+    r = _ranks(np.concatenate([a, b]).astype(float))
+    n, na = len(r), len(a)
+    center = na * (n + 1) / 2.0
+    observed = abs(r[:na].sum() - center)
+    if math.comb(n, na) <= permutations:
+        sums = r[np.array(list(itertools.combinations(range(n), na)))].sum(axis=1)
         extra = 0
-    else:  # random relabellings, plus the observed one (p never 0)
+    else:
         rng = np.random.default_rng(seed)
-        idx = np.argsort(rng.random((permutations, n)), axis=1)[:, :na]
+        sums = r[np.argsort(rng.random((permutations, n)), axis=1)[:, :na]].sum(axis=1)
         extra = 1
-    mask = np.zeros((len(idx), n), dtype=bool)
-    np.put_along_axis(mask, idx, True, axis=1)
-    xs = np.broadcast_to(x, mask.shape)
-    ma = np.median(xs[mask].reshape(len(idx), na), axis=1)
-    mb = np.median(xs[~mask].reshape(len(idx), n - na), axis=1)
-    extreme = np.count_nonzero(np.abs(mb - ma) >= observed - 1e-12)
-    return float((extreme + extra) / (len(idx) + extra))
+    extreme = np.count_nonzero(np.abs(sums - center) >= observed - 1e-9)
+    return float((extreme + extra) / (len(sums) + extra))
 
 
 def noise_floor(a: np.ndarray, b: np.ndarray) -> float:
@@ -357,7 +366,7 @@ class Comparison:
 
 def method_text() -> str:
     return (f"runs are the unit; ratio = median(B)/median(A); ci = {CONFIDENCE:.0%} bootstrap "
-            f"({BOOTSTRAP} resamples); p = permutation test on log medians; better/worse needs the "
+            f"({BOOTSTRAP} resamples); p = rank-sum permutation test on run values; better/worse needs the "
             f"interval to exclude 1 and a shift of at least {MIN_EFFECT:.0%} and {NOISE_K:g} "
             f"standard errors of the run-to-run noise; fewer than {MIN_RUNS} runs a side: inconclusive")
 
