@@ -491,10 +491,17 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
 @cli.command("report")
 @click.argument("folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--output", "-o", type=click.Path(file_okay=False),
-              help="Where the CSV and plots go (default FOLDER/report).")
+              help="Where the CSV, figures and report.html go (default FOLDER/report).")
 @user_errors
 def report_cmd(folder, output):
-    """Table (terminal and CSV) and plots (PNG, SVG) of a sweep folder or a folder of results."""
+    """Table (terminal and CSV), figures (PNG, SVG) and report.html of a sweep folder or a folder
+    of results.
+
+    \b
+    A sweep folder reports only the points its manifest lists. Figures: one panel per sequence
+    length, one line per batch size; report.html is one self-contained page to share:
+      numabench report results/bs
+    """
     from numabench.experiments.report import make_report
 
     rep = make_report(folder, output)
