@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ ROW_COLUMNS = ("id", "model", "backend", "precision", "seq", "mode", "batch", "i
 # A line is one combination of these (those that vary among the points plotted); seq always.
 SERIES_FIELDS = ("model", "backend", "precision", "batch", "smt", "mode", "seq")
 MAX_LINES = 8
+ROW_ORDER = ("model", "backend", "precision", "mode", "seq", "batch", "instances", "cores", "smt",
+             "repetition", "id")
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -411,6 +414,7 @@ def draw(p: PlotData, cap: str):
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -421,6 +425,7 @@ def draw(p: PlotData, cap: str):
     labels = list(dict.fromkeys(line.label for pn in panels for line in pn.lines))
     shared = len(labels) <= MAX_LINES  # one style per line across panels, one legend
     fig = Figure(figsize=(4.3 * ncols + 2.4, 3.3 * nrows + 1.1), layout="constrained")
+    FigureCanvasAgg(fig)  # a canvas of its own: no pyplot state, and layouts can be measured
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n:]:
         fig.delaxes(ax)
@@ -437,7 +442,7 @@ def draw(p: PlotData, cap: str):
                         label="_sum", **st)
             if len(line.runs) > len(line.x):  # repetitions: every run beside its median
                 rx, ry = zip(*line.runs)
-                ax.scatter(rx, ry, s=12, color=st["color"], alpha=0.4, marker=st["marker"],
+                ax.scatter(rx, ry, s=16, color=st["color"], alpha=0.5, marker=st["marker"],
                            linewidths=0, label="_runs")
             idle = [(x, y) for x, y in zip(line.x, line.y) if x in line.idle]
             if idle and not any(note.startswith("every point") for note in p.notes):
@@ -475,9 +480,10 @@ def draw(p: PlotData, cap: str):
         fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     title = p.title if p.kind != "bar" else f"{p.title}: the bar's label is the instance count"
     fig.suptitle(title, fontsize=11)
-    text = cap + ("\n" + "; ".join(p.notes) if p.notes else "")
-    fig.get_layout_engine().set(rect=(0, 0.12 / nrows, 1, 1 - 0.02 / nrows))
-    fig.text(0.01, 0.005, text, fontsize=7, ha="left", va="bottom", wrap=True)
+    # The caption is the figure's supxlabel, so the layout keeps room for it under the panels.
+    width = int(fig.get_figwidth() * 15)
+    text = "\n".join(textwrap.fill(t, width) for t in [cap, *p.notes])
+    fig.supxlabel(text, x=0.01, ha="left", fontsize=7, linespacing=1.3)
     return fig
 
 
@@ -510,6 +516,10 @@ def make_report(folder: str | Path, out: str | Path | None = None) -> Report:
     (default FOLDER/report)."""
     rs = load_result_set(folder)
     rows = [point_row(name, doc) for name, doc in rs.docs]
+    if rs.manifest is None:  # files in name order say nothing: order by the parameters
+        order = sorted(range(len(rows)), key=lambda i: _sort_key(tuple(rows[i][k] for k in ROW_ORDER)))
+        rows = [rows[i] for i in order]
+        rs = ResultSet(rs.folder, None, tuple(rs.docs[i] for i in order), rs.notes)
     out = Path(out) if out is not None else Path(folder) / "report"
     plots = plot_data(rows)
     cap = caption([d for _, d in rs.docs])
