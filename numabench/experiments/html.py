@@ -140,7 +140,7 @@ def render_html(rs, rows: list[dict[str, Any]], plots, cap: str, out: Path) -> s
                  "full message.</p>")
     parts.append(f"<div class=wide><table><tr>{head}</tr>{''.join(body)}</table></div>")
     parts.append("<h2>Plans</h2>")
-    for (fname, doc), r in zip(rs.docs, rows):
+    for (_, doc), r in zip(rs.docs, rows):
         parts.append(f"<details><summary>{_e(r['id'])}: {_e(r['instances'])} instance(s) x "
                      f"{_e(r['cores_per_instance'])} core(s), batch {_e(r['batch'])}, seq "
                      f"{_e(r['seq'])}</summary>{_plan_table(doc)}</details>")
