@@ -524,7 +524,7 @@ def compare_cmd(a_path, b_path, as_json, allow_different):
     \b
     A and B are each a results file, a run folder, or a folder holding several runs
     (searched recursively). 3 runs a side are needed for a verdict:
-      numabench launch ... --run-dir runs/a   (3 times, or --repeat 3)
+      numabench launch ... --run-dir runs/a/1   (and /2, /3; or --repeat 3)
       numabench compare runs/a runs/b
     """
     from numabench.experiments.compare import compare_paths, render_comparison

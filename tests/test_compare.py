@@ -240,8 +240,8 @@ def test_real_noop_runs_3ms_vs_6ms_compute_is_worse(tmp_path):
     """Six real launches of the no-op backend (fresh workers each), 3 a side."""
     for side, us in (("a", 3000), ("b", 6000)):
         for k in range(3):
-            r = numabench("launch", "--backend", "noop", "-m", "bert-tiny", "-s", "8", "-i", "8",
-                          "-w", "1", "--compute-us", str(us), "--run-dir", str(tmp_path / side / f"rep-{k}"))
+            r = numabench("launch", "--backend", "noop", "-m", "bert-tiny", "-s", "8", "-i", "40",
+                          "-w", "2", "--compute-us", str(us), "--run-dir", str(tmp_path / side / f"rep-{k}"))
             assert r.returncode == 0, r.stderr
     r = numabench("compare", "--json", str(tmp_path / "a"), str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
