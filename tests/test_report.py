@@ -91,7 +91,7 @@ def test_4_seq_x_6_batch_grid_renders_readable_panels():
         assert len(solid) == len(dashed) == len(BATCHES)
         assert {ln.get_color() for ln in solid} == {ln.get_color() for ln in dashed}
     legend_text = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert {"common window", "sum of instances", "each repetition"} <= set(legend_text)
+    assert {"common window", "sum of instances", "each run"} <= set(legend_text)
     best = draw(plots["best-instances"], cap)  # bars, labelled on their axis: no legend needed
     assert len(best.axes) == len(SEQS)
     for ax in best.axes:
@@ -149,7 +149,7 @@ def sweep_folder(tmp: Path, ids_listed, ids_on_disk) -> Path:
 
 def test_only_the_manifest_points_are_reported_with_backend_mode_precision_and_warnings(tmp_path):
     listed = ["s32_b4_n1_r0", "s32_b4_n2_r0", "s128_b4_n1_r0", "s128_b4_n2_r0"]
-    folder = sweep_folder(tmp_path / "sw", listed, listed + ["s32_b4_n4_r0"])
+    folder = sweep_folder(tmp_path / "sw", listed + ["s128_b4_n4_r0"], listed + ["s32_b4_n4_r0"])
     r = numabench("report", str(folder))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -158,6 +158,7 @@ def test_only_the_manifest_points_are_reported_with_backend_mode_precision_and_w
     assert len([x for x in lines if " split " in x]) == 4
     assert "note: ignored 1 file(s) in points/ that the manifest does not list" in r.stdout
     assert "s32_b4_n4_r0.json" in r.stdout and "few samples" in lines[1]
+    assert "1 point(s) the manifest lists as finished have no file in points/ (s128_b4_n4_r0)" in r.stdout
     rows = list(csv.DictReader(open(folder / "report" / "points.csv")))
     assert [x["id"] for x in rows] == listed
     assert {(x["backend"], x["mode"], x["precision"]) for x in rows} == {("pytorch", "split", "fp32")}

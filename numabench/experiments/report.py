@@ -82,6 +82,12 @@ def load_result_set(folder: str | Path) -> ResultSet:
         if stale:
             notes.append(f"ignored {len(stale)} file(s) in points/ that the manifest does not list "
                          f"(an earlier sweep's?): {', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}")
+        lost = [e["id"] for e in entries if e.get("status") == "ok"
+                and not (folder / "points" / f"{e['id']}.json").exists()]
+        if lost:
+            notes.append(f"{len(lost)} point(s) the manifest lists as finished have no file in "
+                         f"points/ ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}); "
+                         "rerun them with numabench sweep --resume")
         missing = [e["id"] for e in entries if e.get("status") != "ok"]
         if missing:
             notes.append(f"{len(missing)} point(s) of the sweep have no results yet "
@@ -472,7 +478,7 @@ def draw(p: PlotData, cap: str):
                         Line2D([], [], color="black", linestyle="--", label="sum of instances")]
         if any(len(line.runs) > len(line.x) for pn in panels for line in pn.lines):
             handles.append(Line2D([], [], color="grey", marker="o", linestyle="", alpha=0.5,
-                                  markersize=4, label="each repetition"))
+                                  markersize=4, label="each run"))
         if any(line.idle for pn in panels for line in pn.lines) and \
                 not any(note.startswith("every point") for note in p.notes):
             handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none",
