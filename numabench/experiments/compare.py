@@ -190,10 +190,13 @@ def collect_side(source: str | Path) -> Side:
 
 def workload_differences(a: Side, b: Side, fields: tuple[str, ...] = WORKLOAD_FIELDS) -> list[str]:
     """'field: A value(s) vs B value(s)' for each field that is not one value across all runs."""
+    def values(side: Side, f: str) -> list[str]:
+        vals = {str(r.workload.get(f, r.other.get(f))) for r in side.runs}
+        return sorted(vals, key=lambda v: (0, int(v), v) if v.isdigit() else (1, 0, v))
+
     out = []
     for f in fields:
-        va = sorted({str(r.workload.get(f, r.other.get(f))) for r in a.runs})
-        vb = sorted({str(r.workload.get(f, r.other.get(f))) for r in b.runs})
+        va, vb = values(a, f), values(b, f)
         if len(va) > 1 or len(vb) > 1 or va != vb:
             out.append(f"{f}: A {' | '.join(va)} vs B {' | '.join(vb)}")
     return out
