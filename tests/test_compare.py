@@ -219,7 +219,8 @@ HEADED = st.dictionaries(  # a results header over junk: the malformed-document 
     st.none() | st.integers() | st.text(max_size=4) | st.lists(st.integers(), max_size=2), max_size=5)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.one_of(
     st.binary(max_size=200),
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),

@@ -197,7 +197,8 @@ def test_report_of_an_empty_folder_and_an_unwritable_output(tmp_path):
     assert r.returncode == 2 and f"{bad_manifest}: not a readable sweep manifest" in r.stderr
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(drop=st.sets(st.sampled_from(["workload", "plan", "summary", "machine", "raw", "status"])),
        junk=st.none() | st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=2))
 def test_a_malformed_document_is_a_report_error(drop, junk):
