@@ -251,3 +251,9 @@ def test_real_noop_runs_3ms_vs_6ms_compute_is_worse(tmp_path):
         assert metrics[name]["verdict"] == "worse", metrics[name]
         assert metrics[name]["runs"] == {"a": 3, "b": 3}
     assert metrics["step max latency p50"]["ratio"] > 1.5
+
+
+def test_values_that_are_not_positive_numbers_are_inconclusive_not_a_verdict():
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        r = compare_values("throughput", "samples/s", "higher", [1.0, 1.1, bad], [1.0, 1.0, 1.0])
+        assert r.verdict == "inconclusive" and r.ratio is None and "not a number" in r.reason

@@ -287,9 +287,9 @@ def compare_values(metric: str, unit: str, better: str, a, b) -> MetricResult:
     if not len(a) or not len(b):
         return MetricResult(metric, unit, better, ta, tb, None, None, None, "inconclusive",
                             "not measured on one side (too few samples in a run, or not this mode)")
-    if np.any(a <= 0) or np.any(b <= 0):
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or np.any(a <= 0) or np.any(b <= 0):
         return MetricResult(metric, unit, better, ta, tb, None, None, None, "inconclusive",
-                            "a run measured zero or less")
+                            "a run's value is zero, negative or not a number")
     ratio = float(np.median(b) / np.median(a))
     if len(a) < MIN_RUNS or len(b) < MIN_RUNS:
         runs = (f"{len(a)} run{'s' if len(a) != 1 else ''} a side" if len(a) == len(b) else
@@ -314,15 +314,15 @@ def compare_values(metric: str, unit: str, better: str, a, b) -> MetricResult:
 # ---- warnings stored in the documents ------------------------------------------------------------
 
 def warning_tags(warnings: tuple[str, ...], metric: str) -> tuple[str, ...]:
-    """Short tags (unstable, few samples, imbalanced) of the warnings that concern a metric."""
+    """Short tags (unstable, few samples, imbalanced) of the warnings that concern a metric.
+
+    Throughput is made of every request, so every such warning concerns it."""
     tags = []
     for w in warnings:
-        concerns = {"throughput": True, "step_p50": w.startswith("step max latency"),
-                    "step_p90": w.startswith("step max latency"),
-                    "latency_p50": bool(re.match(r"instance \d+ latency", w))}.get(metric, False)
-        if metric == "throughput" and not ("imbalanced" in w or "unstable" in w or "only" in w):
-            concerns = False
-        if not concerns:
+        about_steps = w.startswith("step max latency")
+        about_requests = re.match(r"instance \d+ latency", w) is not None
+        if not {"throughput": True, "step_p50": about_steps, "step_p90": about_steps,
+                "latency_p50": about_requests}.get(metric, False):
             continue
         if "unstable" in w:
             tags.append("unstable")
