@@ -109,6 +109,8 @@ def test_more_than_8_lines_make_another_panel_each_with_its_own_legend():
     assert [len(pn.lines) for pn in p.panels] == [8, 3]
     fig = check_layout(draw(p, "cap"), panels=2)
     assert not fig.legends and all(ax.get_legend() for ax in fig.axes)
+    texts = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert texts == ["batch 9", "batch 10", "batch 11"]
 
 
 def test_the_plotted_point_is_a_measured_run_never_the_mean_of_two():
@@ -262,3 +264,18 @@ def test_report_html_is_self_contained_and_renders_in_headless_chromium(tmp_path
     # the figures drew: plenty of coloured (non-grey) pixels, as the lines and markers are
     colourful = np.ptp(img, axis=2) > 0.3
     assert colourful.mean() > 0.001
+
+
+def test_smt_figure_draws_grouped_bars_with_the_legend_outside():
+    rows = [point_row("a.json", make_doc([10.0] * 5, cores=4)),
+            point_row("b.json", make_doc([8.0] * 5, cores=4, smt=True))]
+    smt = next(p for p in plot_data(rows) if p.name == "smt")
+    fig = draw(smt, "cap")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    assert [round(b.get_height(), 6) for b in ax.patches] == [round(rows[0]["throughput"], 6),
+                                                             round(rows[1]["throughput"], 6)]
+    (leg,) = fig.legends
+    assert [t.get_text() for t in leg.get_texts()] == ["physical cores", "+ SMT siblings"]
+    assert not bbox_overlap(leg.get_window_extent(renderer), ax.get_window_extent(renderer))

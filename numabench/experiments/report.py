@@ -277,11 +277,12 @@ class PlotData:
     log_x: bool = False
     notes: list[str] = field(default_factory=list)
     panels: list[Panel] = field(default_factory=list)
+    ring_idle: bool = False  # ring the points that leave cores idle (not when every point does)
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "x_label": self.x_label, "y_label": self.y_label,
                 "kind": self.kind, "log_x": self.log_x, "series": self.series, "notes": self.notes,
-                "panels": [p.to_dict() for p in self.panels]}
+                "panels": [p.to_dict() for p in self.panels], "ring_idle": self.ring_idle}
 
 
 def _label(key: dict[str, Any], fields: list[str]) -> str:
@@ -390,6 +391,7 @@ def plot_data(rows: list[dict[str, Any]]) -> list[PlotData]:
                 f"ringed points leave usable cores idle ({len(idle)} of {len(rows)} points)")
         for p in plots:
             p.notes.append(note)
+            p.ring_idle = len(idle) < len(rows)
     return plots
 
 
@@ -415,6 +417,40 @@ def _style(index: int) -> dict[str, Any]:
     return {"color": COLORS[index % MAX_LINES], "marker": MARKERS[index % MAX_LINES]}
 
 
+def _grouped_bars(fig, p: PlotData) -> None:
+    """A figure without panels (smt): one group of bars per configuration, legend outside."""
+    ax = fig.subplots()
+    labels = list(dict.fromkeys(x for s in p.series.values() for x in s["x"]))
+    width = 0.8 / max(len(p.series), 1)
+    for j, (label, s) in enumerate(p.series.items()):
+        ax.bar([labels.index(x) + j * width for x in s["x"]], s["y"], width=width, label=label,
+               color=COLORS[j % MAX_LINES], gid=f"line:{label}")
+    ax.set_xticks([i + width * (len(p.series) - 1) / 2 for i in range(len(labels))], labels,
+                  rotation=20, ha="right", fontsize=8)
+    ax.set_xlabel(p.x_label, fontsize=9)
+    ax.set_ylabel(p.y_label, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
+
+
+def _key_handles(p: PlotData) -> list:
+    """Legend entries that explain line styles and marks rather than name a line."""
+    from matplotlib.lines import Line2D
+
+    lines = [line for pn in p.panels for line in pn.lines]
+    out = []
+    if any(line.y_sum is not None for line in lines):
+        out += [Line2D([], [], color="black", linestyle="-", label="common window"),
+                Line2D([], [], color="black", linestyle="--", label="sum of instances")]
+    if any(len(line.runs) > len(line.x) for line in lines):
+        out.append(Line2D([], [], color="grey", marker="o", linestyle="", alpha=0.5, markersize=4,
+                          label="each run"))
+    if p.ring_idle and any(line.idle for line in lines):
+        out.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="",
+                          markersize=10, label="leaves cores idle"))
+    return out
+
+
 def draw(p: PlotData, cap: str):
     """The figure of one PlotData (matplotlib Figure, Agg): panels in a grid, legend outside."""
     import matplotlib
@@ -424,15 +460,18 @@ def draw(p: PlotData, cap: str):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    panels = p.panels or [Panel("", [])]
-    n = len(panels)
+    panels = p.panels
+    n = max(len(panels), 1)
     ncols = 1 if n == 1 else 2 if n <= 4 else 3
     nrows = -(-n // ncols)
-    labels = list(dict.fromkeys(line.label for pn in panels for line in pn.lines))
-    shared = len(labels) <= MAX_LINES  # one style per line across panels, one legend
     fig = Figure(figsize=(4.3 * ncols + 2.4, 3.3 * nrows + 1.1), layout="constrained")
     FigureCanvasAgg(fig)  # a canvas of its own: no pyplot state, and layouts can be measured
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    if not panels:
+        _grouped_bars(fig, p)
+    labels = list(dict.fromkeys(line.label for pn in panels for line in pn.lines))
+    shared = len(labels) <= MAX_LINES  # one style per line across panels, one legend
+    keys = _key_handles(p)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel() if panels else []
     for ax in axes[n:]:
         fig.delaxes(ax)
     for ax, pn in zip(axes, panels):
@@ -451,7 +490,7 @@ def draw(p: PlotData, cap: str):
                 ax.scatter(rx, ry, s=16, color=st["color"], alpha=0.5, marker=st["marker"],
                            linewidths=0, label="_runs")
             idle = [(x, y) for x, y in zip(line.x, line.y) if x in line.idle]
-            if idle and not any(note.startswith("every point") for note in p.notes):
+            if idle and p.ring_idle:
                 ix, iy = zip(*idle)
                 ax.scatter(ix, iy, s=140, facecolors="none", edgecolors="black", linewidths=0.8,
                            label="_idle")
@@ -461,30 +500,22 @@ def draw(p: PlotData, cap: str):
             ax.set_xticks(range(len(pn.lines)), [line.label for line in pn.lines], rotation=30,
                           ha="right", fontsize=8)
             ax.set_ylabel("throughput (samples/s) at the best count", fontsize=8)
-        else:
-            if p.log_x:
-                ax.set_xscale("log", base=2)
-                xs = sorted({x for line in pn.lines for x in line.x})
-                ax.set_xticks(xs, [str(x) for x in xs])
-                ax.minorticks_off()
-            ax.set_xlabel(p.x_label, fontsize=9)
-            ax.set_ylabel(p.y_label, fontsize=9)
-        if not shared and p.kind != "bar":
-            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8)
-    if p.kind != "bar" and shared:
+            continue
+        if p.log_x:
+            ax.set_xscale("log", base=2)
+            xs = sorted({x for line in pn.lines for x in line.x})
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
+        ax.set_xlabel(p.x_label, fontsize=9)
+        ax.set_ylabel(p.y_label, fontsize=9)
+        if not shared:  # lines differ between panels: each panel names its own, at its right
+            named = [h for h in ax.get_lines() if (h.get_gid() or "").startswith("line:")]
+            ax.legend(handles=named + keys, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0, fontsize=8)
+    if panels and p.kind != "bar" and shared:
         handles = [Line2D([], [], linestyle="-", label=lab, **_style(i)) for i, lab in enumerate(labels)]
-        if any(line.y_sum is not None for pn in panels for line in pn.lines):
-            handles += [Line2D([], [], color="black", linestyle="-", label="common window"),
-                        Line2D([], [], color="black", linestyle="--", label="sum of instances")]
-        if any(len(line.runs) > len(line.x) for pn in panels for line in pn.lines):
-            handles.append(Line2D([], [], color="grey", marker="o", linestyle="", alpha=0.5,
-                                  markersize=4, label="each run"))
-        if any(line.idle for pn in panels for line in pn.lines) and \
-                not any(note.startswith("every point") for note in p.notes):
-            handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none",
-                                  linestyle="", markersize=10, label="leaves cores idle"))
-        fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    title = p.title if p.kind != "bar" else f"{p.title}: the bar's label is the instance count"
+        fig.legend(handles=handles + keys, loc="outside right upper", fontsize=8)
+    title = p.title if p.kind != "bar" or not panels else f"{p.title}: the bar's label is the instance count"
     fig.suptitle(title, fontsize=11)
     # The caption is the figure's supxlabel, so the layout keeps room for it under the panels.
     width = int(fig.get_figwidth() * 15)
