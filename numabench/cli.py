@@ -614,10 +614,17 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_addres
 @cli.command("report")
 @click.argument("folder", type=click.Path(file_okay=False, exists=True))
 @click.option("--output", "-o", type=click.Path(file_okay=False),
-              help="Where the CSV and plots go (default FOLDER/report).")
+              help="Where the CSV, figures and report.html go (default FOLDER/report).")
 @user_errors
 def report_cmd(folder, output):
-    """Table (terminal and CSV) and plots (PNG, SVG) of a sweep folder or a folder of results."""
+    """Table (terminal and CSV), figures (PNG, SVG) and report.html of a sweep folder or a folder
+    of results.
+
+    \b
+    A sweep folder reports only the points its manifest lists. Figures: one panel per sequence
+    length, one line per batch size; report.html is one self-contained page to share:
+      numabench report results/bs
+    """
     from numabench.experiments.report import make_report
 
     rep = make_report(folder, output)
@@ -627,24 +634,29 @@ def report_cmd(folder, output):
 
 
 @cli.command("compare")
-@click.argument("a_file", metavar="A", type=click.Path(dir_okay=False, exists=True))
-@click.argument("b_file", metavar="B", type=click.Path(dir_okay=False, exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.argument("a_path", metavar="A", type=click.Path(exists=True))
+@click.argument("b_path", metavar="B", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print per metric: metric, ratio, ci, p, runs, verdict (and the run values).")
+@click.option("--allow-different", is_flag=True,
+              help="Compare even if model, backend, precision, mode, seq, batch, instances or machine differ.")
 @user_errors
-def compare_cmd(a_file, b_file, as_json):
-    """Each metric of results B against A: ratio B/A and a Mann-Whitney U test on raw samples."""
-    from numabench.experiments.compare import compare_docs, render_comparison
-    from numabench.results import load_results
+def compare_cmd(a_path, b_path, as_json, allow_different):
+    """Runs B against runs A: ratio of medians, bootstrap interval, permutation p, verdict.
 
-    try:
-        a, b = load_results(a_file), load_results(b_file)
-    except ValueError as e:
-        raise NumabenchError(str(e)) from None
-    rows = compare_docs(a, b)
+    \b
+    A and B are each a results file, a run folder, or a folder holding several runs
+    (searched recursively). 3 runs a side are needed for a verdict:
+      numabench launch ... --run-dir runs/a/1   (and /2, /3; or --repeat 3)
+      numabench compare runs/a runs/b
+    """
+    from numabench.experiments.compare import compare_paths, render_comparison
+
+    c = compare_paths(a_path, b_path, allow_different=allow_different)
     if as_json:
-        click.echo(json.dumps({"a": a_file, "b": b_file, "metrics": [r.to_dict() for r in rows]}, indent=1))
+        click.echo(json.dumps(c.to_dict(), indent=1))
     else:
-        click.echo(render_comparison(a_file, a, b_file, b, rows))
+        click.echo(render_comparison(c))
 
 
 # ---- system ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     numabench sweep plans/experiment-batch-scaling.yaml -o results/bs
     numabench report results/bs
-    numabench compare A.json B.json
+    numabench compare runs/a runs/b
 """
 from numabench.experiments.points import Point, expand, validate_points
 from numabench.experiments.spec import (
