@@ -60,6 +60,8 @@ class Daemon:
         return (self.tmp / "serve.log").read_text()
 
     def client(self, **kw) -> Client:
+        if self.endpoint.startswith("tcp://"):
+            kw.setdefault("key_folder", self.runtime / "curve")
         return Client(self.endpoint, **kw)
 
     def status(self) -> dict:

@@ -15,6 +15,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,9 +77,9 @@ class Reply:
 
 class Client:
     def __init__(self, endpoint: str | None = None, timeout_s: float = 60.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, key_folder: str | os.PathLike | None = None):
         """`endpoint`: default the running daemon's (state file); a tcp:// one is reached with
-        the owner's CURVE keys from the runtime folder (daemon/auth.py)."""
+        the owner's CURVE keys from the runtime folder, or from `key_folder` (daemon/auth.py)."""
         self.endpoint = discover_endpoint(endpoint)
         self.timeout_s = timeout_s
         self._own_ctx = context is None
@@ -89,7 +90,8 @@ class Client:
             if self.endpoint.startswith("tcp://"):
                 from numabench.daemon import auth
 
-                auth.secure_client(self.sock, auth.client_keys())  # the owner's CURVE keys
+                keys = auth.Keys(Path(key_folder)) if key_folder else auth.client_keys()
+                auth.secure_client(self.sock, keys)  # the owner's CURVE keys
             self.sock.connect(self.endpoint)
         except BaseException:
             self.close()

@@ -307,14 +307,16 @@ class Daemon:
 
     def _worker_ipc_dir(self, runtime: Path) -> Path | None:
         """The workers' socket folder inside the private runtime folder, so a `kill -9` leaves
-        it where the next start finds and removes it (workers-<pid> of a dead daemon)."""
-        for old in runtime.glob("workers-*"):
-            pid = old.name.split("-", 1)[1]
+        it where the next start finds and removes it (w<pid> of a dead daemon)."""
+        for old in runtime.glob("w[0-9]*"):
+            pid = old.name[1:]
             if pid.isdigit() and not endpoints.pid_alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
-        folder = runtime / f"workers-{os.getpid()}"
-        if len(str(folder)) + len("/numabench-xxxxxxxx/coord.sock") > endpoints.IPC_PATH_MAX:
-            return None  # too long for a Unix socket path: the temp folder it is
+        folder = runtime / f"w{os.getpid()}"
+        if len(str(folder)) + len("/cxxxxxxxx/coord.sock") > endpoints.IPC_PATH_MAX:
+            log.warning("%s is too long a path for the workers' socket: using the temporary "
+                        "folder (a killed daemon may leave it behind)", runtime)
+            return None
         endpoints.make_private_dir(folder)
         return folder
 

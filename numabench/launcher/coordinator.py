@@ -45,7 +45,8 @@ class Coordinator:
         self._tmp = None
         if transport == "ipc":
             # A private folder (0700) so no other user can connect to the socket.
-            self._tmp = tempfile.mkdtemp(prefix="numabench-", dir=ipc_dir)
+            self._tmp = (tempfile.mkdtemp(prefix="c", dir=ipc_dir) if ipc_dir
+                         else tempfile.mkdtemp(prefix="numabench-"))
             self.endpoint = f"ipc://{self._tmp}/coord.sock"
             self.sock.bind(self.endpoint)
         elif transport == "tcp":
