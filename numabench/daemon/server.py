@@ -225,7 +225,7 @@ class Daemon:
         self.endpoint = ""
         self.state_file: Path | None = None
         self.warnings: list[str] = []
-        self.requests: Counter = Counter()  # by reply status, since start
+        self.replies: Counter = Counter()  # by status, since start (any message type)
         self.rejected: Counter = Counter()  # by reason, since start
         self.loop_cpus: tuple[int, ...] | None = None
         self._spawn_cpus: set[int] | None = None
@@ -517,7 +517,7 @@ class Daemon:
     def _reply(self, envelope: list[bytes], rid: Any, status: str, header: dict[str, Any] | None = None,
                arrays: dict[str, np.ndarray] | None = None) -> None:
         head = {"id": rid, "status": status, **(header or {})}
-        self.requests[status] += 1
+        self.replies[status] += 1
         try:
             frames = wire.encode(wire.REPLY, head, arrays)
         except wire.ProtocolError as e:  # a field that is not JSON: say so rather than nothing
@@ -1088,7 +1088,7 @@ class Daemon:
                      "max_request_bytes": o.max_request_bytes, "send_hwm": o.send_hwm},
             run_dir=str(self.run_dir), metrics_port=self.metrics.port if self.metrics else None,
             auth="curve" if self.endpoint.startswith("tcp://") else "ipc-0600",
-            loop_cpus=self.loop_cpus, requests=dict(self.requests), rejected=dict(self.rejected),
+            loop_cpus=self.loop_cpus, replies=dict(self.replies), rejected=dict(self.rejected),
             pools=pools, instances=instances)
 
     def status(self) -> dict[str, Any]:

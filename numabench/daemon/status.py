@@ -92,7 +92,7 @@ class DaemonStatus:
     metrics_port: int | None
     auth: str  # "curve" (tcp) or "ipc-0600"
     loop_cpus: tuple[int, ...] | None  # where the event loop runs (None: not pinned)
-    requests: Mapping[str, int]  # by status, since start (never reset)
+    replies: Mapping[str, int]  # by status, any message type, since start (never reset)
     rejected: Mapping[str, int]  # by reason, since start
     pools: tuple[PoolStatus, ...]
     instances: tuple[InstanceStatus, ...]
