@@ -17,7 +17,6 @@ import zmq
 from test_serve import USABLE, Daemon, ids
 
 from numabench.daemon import endpoints, wire
-from numabench.daemon.client import Client
 
 pytestmark = pytest.mark.skipif(len(USABLE) < 2, reason="needs at least 2 usable CPUs")
 
@@ -228,3 +227,30 @@ def test_stale_state_and_kill_9(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_inflight_credits_bound_each_instance_and_queueing_in_the_worker_is_timed(tmp_path):
+    d = Daemon(tmp_path, "--instances", "1", "--cores-per-instance", "1", "--inflight", "3",
+               "--compute-us", "40000", "--queue-size", "100")
+    try:
+        s = d.status()
+        inst = s["instances"][0]
+        # The loop runs on the CPUs the plan leaves free (the launch side pins nothing here).
+        assert s["loop_cpus"] and not set(s["loop_cpus"]) & set(inst["cpus"])
+        assert set(psutil.Process(d.proc.pid).cpu_affinity()) == set(s["loop_cpus"])
+        assert set(psutil.Process(inst["pid"]).cpu_affinity()) == set(inst["cpus"])
+        loads = []
+        with d.client(timeout_s=60) as c, d.client(timeout_s=10) as watcher:
+            rids = [c.send_infer(input_ids=ids(8)) for _ in range(20)]
+            while len(loads) < 200 and watcher.status()["pools"][0]["served"] < 20:
+                loads.append(watcher.status()["instances"][0]["load"])
+            replies = [c.wait(rid) for rid in rids]
+        assert all(r.ok for r in replies)
+        assert max(loads) == 3, loads  # three in flight, never more
+        # A pipelined request waits in the worker behind the one before it, timed apart.
+        assert sum(r.worker_queue_ns > 0 for r in replies) >= 10
+        assert all(r.compute_ns >= 40_000_000 for r in replies)
+        lat = d.status()["pools"][0]["latency_ms"]
+        assert lat["recent"]["count"] == 20 and lat["worker_queue"]["p50"] > 0
+    finally:
+        d.close()
