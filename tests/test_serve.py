@@ -42,8 +42,12 @@ class Daemon:
         self.proc = subprocess.Popen(
             CLI + ["serve", "--backend", "noop", "--model", "bert-tiny", "--run-dir",
                    str(tmp / "run"), *args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.endpoint = self._wait_endpoint()
-        self.wait_status(lambda s: s["state"] == "serving")
+        try:
+            self.endpoint = self._wait_endpoint()
+            self.wait_status(lambda s: s["state"] == "serving")
+        except BaseException:
+            self.close()  # never leave a daemon behind a failed start
+            raise
 
     def _wait_endpoint(self, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout

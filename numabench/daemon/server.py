@@ -135,6 +135,7 @@ class Instance:
     restarts: int = 0
     restart_at_ms: int = 0
     started_at: float = 0.0
+    stop_sent_at: float | None = None  # monotonic s: a retiring worker that ignores STOP is killed
     last_exit: str | None = None
     last_error: str | None = None
     busy_ns: int = 0
@@ -816,9 +817,12 @@ class Daemon:
         mono = time.monotonic_ns()
         for inst in self._all():
             if inst.state is S.RESTARTING and _now_ms() >= inst.restart_at_ms \
-                    and self.phase is Phase.SERVING:
+                    and self.phase is Phase.SERVING and self.instances.get(inst.id) is inst:
                 inst.restarts += 1
                 self._spawn(inst)
+            elif inst.state is S.RETIRING and inst.stop_sent_at is not None \
+                    and now - inst.stop_sent_at > self.opts.grace_s:
+                self._kill(inst, f"still running {self.opts.grace_s:.0f} s after STOP")
             elif inst.state is S.STARTING and now - inst.started_at > self.opts.ready_timeout_s:
                 self._kill(inst, f"not ready after {self.opts.ready_timeout_s:.0f} s")
             elif inst.inflight and mono - next(iter(inst.inflight.values())).sent_ns > timeout_ns:
@@ -947,6 +951,7 @@ class Daemon:
             inst.state = S.STOPPED
 
     def _send_stop(self, inst: Instance) -> None:
+        inst.stop_sent_at = time.monotonic()
         try:
             self.coord.send(inst.id, protocol.STOP)
         except WorkerFailed:
@@ -1043,6 +1048,8 @@ class Daemon:
     def _state(self) -> str:
         if self.phase is not Phase.SERVING:
             return "stopping"
+        if self.rollout is not None:
+            return "reloading"
         if self.instances and all(i.state is S.READY for i in self.instances.values()):
             return "serving"
         return "starting" if not any(i.ready_once for i in self._all()) else "degraded"
