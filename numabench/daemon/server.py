@@ -2,13 +2,14 @@
 
 One thread polls two ROUTER sockets: the worker-facing one of the launcher's Coordinator (same
 protocol as `launch`) and the client-facing one (docs/serve.md). The parts it drives are pure and
-live apart: request checks (workers/requests.py), queues and credit-based dispatch
-(scheduler.py), the restart policy and instance states (supervisor.py), the reload diff
-(reload.py) and the status facts (status.py).
+live apart: client commands and the one guard around them (commands.py), request checks
+(workers/requests.py), queues and credit-based dispatch (scheduler.py), the restart policy and
+instance states (supervisor.py), the reload diff (reload.py), the records it keeps
+(instances.py) and the status facts (status.py).
 
 Every client message gets exactly one reply, and nothing a client sends can end the daemon:
-`_on_client` is the one place a message is handled, and any exception there becomes an error
-reply to that client. Memory per client is bounded: a whole message is limited (not per frame),
+`commands.handle` is the one place a message is handled, and any exception there becomes an
+error reply to that client. Memory per client is bounded: a whole message is limited (not per frame),
 and replies a client does not read are dropped beyond a send high-water mark.
 """
 from __future__ import annotations
@@ -30,19 +31,20 @@ from typing import Any
 import numpy as np
 import zmq
 
-from numabench.daemon import auth, endpoints, wire
+from numabench.daemon import auth, commands, endpoints, wire
+from numabench.daemon.commands import Rejected, short
+from numabench.daemon.instances import Dispatch, Instance, Pool, Rollout
 from numabench.daemon.pools import PoolSpec, build_pools, route
-from numabench.daemon.reload import ReloadDiff, diff
+from numabench.daemon.reload import diff
 from numabench.daemon.scheduler import Candidate, Request, Scheduler
-from numabench.daemon.status import DaemonStatus, InstanceStatus, LatencyWindow, PoolStatus
+from numabench.daemon.status import DaemonStatus, InstanceStatus, PoolStatus
 from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolicy
 from numabench.errors import NumabenchError
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
-from numabench.workers import protocol, requests
-from numabench.workers.config import WorkerConfig
+from numabench.workers import protocol
 
 log = logging.getLogger("numabench.serve")
 
@@ -50,7 +52,6 @@ S = InstanceState
 WORKER_IDLE_TIMEOUT_S = 10 * 365 * 86400.0  # a warm worker may wait for requests indefinitely
 CHECK_EVERY_S = 0.05  # process reaping and timers
 METRICS_EVERY_S = 0.5
-MAX_ID_CHARS = 200
 MAX_FRAMES = 8  # identity, REQ delimiter, header, input_ids, attention_mask, and some slack
 MAX_PLAN_BYTES = 1 << 20
 BATCH_PER_SOCKET = 1000  # messages read per socket per turn: let the other one and timers in
@@ -103,88 +104,8 @@ class ServeOptions:
                              int(self.restart_window_s * 1000), self.degraded_after, self.max_restarts)
 
 
-class Rejected(Exception):
-    """A client message refused; `reason` is the metrics label (malformed, too_large,
-    bad_input, no_pool, stopping, reload, internal)."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(message)
-
-
-@dataclass(eq=False)
-class Dispatch:
-    req: int
-    instance: int
-    requests: list[Request]
-    target: int
-    sent_ns: int
-
-
-@dataclass(eq=False)
-class Instance:
-    plan: InstancePlan
-    pool: str
-    config: WorkerConfig
-    deaths: DeathRecord
-    state: InstanceState = S.PENDING
-    pid: int | None = None
-    inflight: dict[int, Dispatch] = field(default_factory=dict)  # sent, unanswered, in order
-    served: int = 0
-    errors: int = 0
-    restarts: int = 0
-    restart_at_ms: int = 0
-    started_at: float = 0.0
-    stop_sent_at: float | None = None  # monotonic s: a retiring worker that ignores STOP is killed
-    last_exit: str | None = None
-    last_error: str | None = None
-    busy_ns: int = 0
-    ready_once: bool = False
-
-    @property
-    def id(self) -> int:
-        return self.plan.id
-
-
-@dataclass(eq=False)
-class Pool:
-    spec: PoolSpec
-    latency: LatencyWindow = field(default_factory=LatencyWindow)
-    served: int = 0
-    busy: int = 0
-    errors: int = 0
-
-
-@dataclass(eq=False)
-class Rollout:
-    """A reload being applied: added ids starting, replaced ids swapped one at a time."""
-
-    diff: ReloadDiff
-    replace: deque  # ids still to swap
-    old: dict[int, Instance]  # the running objects being replaced or removed
-    current: int | None = None
-
-
 def _now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
-
-
-def _request_id(rid: Any) -> Any:
-    """The client's id if it is one we echo: None, a string, or an int within 64 bits (a huge
-    int is refused before str() would have to format thousands of digits)."""
-    if rid is None:
-        return None
-    if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS:
-        return rid
-    if isinstance(rid, int) and not isinstance(rid, bool) and -(2**63) <= rid < 2**63:
-        return rid
-    raise Rejected("malformed", f"id must be a string of at most {MAX_ID_CHARS} characters or a "
-                                "64-bit integer")
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    text = str(e)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class Daemon:
@@ -416,9 +337,7 @@ class Daemon:
         return 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.phase is Phase.SERVING:
-            log.info("signal %d: draining, then stopping", signum)
-            self._begin_stop()
+        self.begin_stop(f"signal {signum}")
 
     def _step(self) -> None:
         for sock, _ in self.poller.poll(self._poll_timeout_ms()):
@@ -427,7 +346,7 @@ class Daemon:
                     got = self._recv_client()
                     if got is None:
                         break
-                    self._on_client(*got)
+                    commands.handle(self, *got)
             else:
                 for _ in range(BATCH_PER_SOCKET):
                     try:
@@ -485,37 +404,7 @@ class Daemon:
                 frames.append(frame)
         return frames, refused
 
-    def _on_client(self, frames: list[Any], refused: str | None = None) -> None:
-        """Handle one client message: exactly one reply, whatever happens while handling it."""
-        envelope = [frames[0].bytes]
-        body = frames[1:]
-        if len(body) > 1 and len(body[0]) == 0:  # a REQ client: keep its empty delimiter
-            envelope, body = envelope + [b""], body[1:]
-        rid, kind = None, "message"
-        try:
-            if refused:
-                raise Rejected("too_large", refused)
-            try:
-                head, arrays = wire.decode(body)
-            except Exception as e:  # ProtocolError, and ValueErrors of JSON's own limits
-                raise Rejected("malformed", f"malformed message: {_short(e)}") from None
-            kind = head["type"]
-            rid = _request_id(head.get("id"))
-            command = COMMANDS.get(kind)
-            if command is None:
-                raise Rejected("malformed", f"a client sends {', '.join(sorted(wire.REQUESTS))}, "
-                                            f"not {kind}")
-            command(self, envelope, rid, head, arrays)
-        except Rejected as e:
-            self._reject(envelope, rid, e.reason, str(e))
-        except (requests.RequestError, NumabenchError) as e:
-            self._reject(envelope, rid, "bad_input", str(e))
-        except Exception as e:  # noqa: BLE001 - one message must never end the daemon
-            log.exception("handling a client %s failed", kind)
-            self._reject(envelope, rid, "internal",
-                         f"internal error handling {kind}: {type(e).__name__}: {_short(e)}")
-
-    def _reply(self, envelope: list[bytes], rid: Any, status: str, header: dict[str, Any] | None = None,
+    def reply(self, envelope: list[bytes], rid: Any, status: str, header: dict[str, Any] | None = None,
                arrays: dict[str, np.ndarray] | None = None) -> None:
         head = {"id": rid, "status": status, **(header or {})}
         self.replies[status] += 1
@@ -532,40 +421,16 @@ class Daemon:
         except zmq.ZMQError as e:  # the client is gone or not reading: nothing to tell it
             log.debug("reply dropped: %s", e)
 
-    def _reject(self, envelope: list[bytes], rid: Any, reason: str, message: str, **extra: Any) -> None:
+    def reject(self, envelope: list[bytes], rid: Any, reason: str, message: str, **extra: Any) -> None:
         self.rejected[reason] += 1
-        self._reply(envelope, rid, wire.ERROR, {"reason": message, **extra})
+        self.reply(envelope, rid, wire.ERROR, {"reason": message, **extra})
 
-    def _cmd_ping(self, envelope: list[bytes], rid: Any, head: dict, arrays: dict) -> None:
-        self._reply(envelope, rid, wire.OK, {"pid": os.getpid(), "state": self._state()})
+    def accepting(self) -> bool:
+        return self.phase is Phase.SERVING
 
-    def _cmd_status(self, envelope: list[bytes], rid: Any, head: dict, arrays: dict) -> None:
-        self._reply(envelope, rid, wire.OK, {"daemon": self.status()})
-
-    def _cmd_stop(self, envelope: list[bytes], rid: Any, head: dict, arrays: dict) -> None:
-        self.stop_waiters.append((envelope, rid))  # answered once the workers are stopped
-        if self.phase is Phase.SERVING:
-            log.info("STOP received: draining, then stopping")
-            self._begin_stop()
-
-    def _cmd_reload(self, envelope: list[bytes], rid: Any, head: dict, arrays: dict) -> None:
-        try:
-            result = self._reload(head.get("plan"))
-        except Rejected:
-            raise
-        except Exception as e:  # noqa: BLE001 - a plan that does not load is the caller's error
-            raise Rejected("reload", f"reload failed: {type(e).__name__}: {_short(e)}") from None
-        self._reply(envelope, rid, wire.OK, result)
-
-    def _cmd_infer(self, envelope: list[bytes], rid: Any, head: dict[str, Any],
-                   arrays: dict[str, np.ndarray]) -> None:
-        if self.phase is not Phase.SERVING:
-            raise Rejected("stopping", "the daemon is stopping")
-        want = head.get("want", "summary")
-        if not isinstance(want, str) or want not in wire.WANTS:
-            raise Rejected("bad_input", f"want must be one of {', '.join(wire.WANTS)}, "
-                                        f"got {_short(repr(want), 50)}")
-        ids, mask = self._inputs(head, arrays)
+    def submit(self, envelope: list[bytes], rid: Any, want: str, ids: np.ndarray,
+               mask: np.ndarray) -> None:
+        """Route a checked INFER to its pool: queued (then dispatched), busy, or an error."""
         seq = int(ids.shape[1])
         spec = route([p.spec for p in self.pools.values()], seq)
         if spec is None:
@@ -574,35 +439,18 @@ class Daemon:
         pool = self.pools[spec.name]
         if not self._pool_can_serve(spec.name):
             pool.errors += 1
-            self._reply(envelope, rid, wire.ERROR, {
+            self.reply(envelope, rid, wire.ERROR, {
                 "reason": f"pool {spec.name} is degraded: none of its instances is working",
                 "pool": spec.name})
             return
         r = Request(envelope, rid, want, ids, mask, spec.name, time.monotonic_ns())
         if not self.sched.offer(r, self._candidates(spec.name)):
             pool.busy += 1
-            self._reply(envelope, rid, wire.BUSY, {
+            self.reply(envelope, rid, wire.BUSY, {
                 "reason": f"pool {spec.name} is full ({self.sched.queued(spec.name)} requests "
                           "waiting)", "pool": spec.name})
             return
         self._pump(spec.name)
-
-    def _inputs(self, head: dict[str, Any], arrays: dict[str, np.ndarray]
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Checked (input_ids, attention_mask), int64 (rows, seq), from arrays or texts."""
-        texts = head.get("texts")
-        if texts is not None:
-            if arrays:
-                raise requests.RequestError("send either texts or input arrays, not both")
-            texts = requests.check_texts(texts, self.opts.max_rows)
-            if self.tokenizer is None:
-                raise requests.RequestError(f"model {self.opts.model!r} has no tokenizer; send "
-                                            "input_ids")
-            return requests.tokenize(self.tokenizer, texts, max_length=self.max_positions or 512)
-        ids, mask = requests.check_arrays(arrays, vocab_size=self.vocab_size,
-                                          max_positions=self.max_positions,
-                                          max_rows=self.opts.max_rows, allow_1d=True)
-        return ids, (np.ones(ids.shape, dtype=np.int64) if mask is None else mask)
 
     # --- dispatch --------------------------------------------------------------------------
 
@@ -676,7 +524,7 @@ class Daemon:
             iid = int(frames[0].bytes.decode())
             head, arrays = protocol.decode(frames[1:])
         except Exception as e:  # noqa: BLE001
-            log.warning("malformed message from a worker: %s", _short(e))
+            log.warning("malformed message from a worker: %s", short(e))
             return
         inst = self._live(iid)
         if inst is None:
@@ -701,14 +549,14 @@ class Daemon:
                 self._complete(inst, d, head, arrays)
         elif kind == protocol.ERROR:
             if head.get("fatal", True):
-                inst.last_error = _short(head.get("message"), 500)
+                inst.last_error = short(head.get("message"), 500)
                 log.error("instance %d: fatal error: %s", iid, inst.last_error)
                 return  # the worker exits; _check_processes restarts it
             d = self._take_dispatch(inst, head.get("req"))
             if d is not None:
                 inst.errors += 1
                 for r in d.requests:
-                    self._fail(r, f"instance {iid}: {_short(head.get('message'))}")
+                    self._fail(r, f"instance {iid}: {short(head.get('message'))}")
 
     def _take_dispatch(self, inst: Instance, req: Any) -> Dispatch | None:
         d = inst.inflight.pop(req, None) if isinstance(req, int) else None
@@ -745,7 +593,7 @@ class Daemon:
                            "checksum": checksum if math.isfinite(checksum) else None,
                            "abs_sum": abs_sum if math.isfinite(abs_sum) else None},
             }
-            self._reply(r.envelope, r.rid, wire.OK, header,
+            self.reply(r.envelope, r.rid, wire.OK, header,
                         {"output": part} if r.want == "outputs" else None)
             inst.served += 1
             pool = self.pools.get(r.pool)
@@ -759,7 +607,7 @@ class Daemon:
         pool = self.pools.get(r.pool)
         if pool is not None:
             pool.errors += 1
-        self._reply(r.envelope, r.rid, wire.ERROR, {"reason": reason, "pool": r.pool})
+        self.reply(r.envelope, r.rid, wire.ERROR, {"reason": reason, "pool": r.pool})
 
     # --- failures --------------------------------------------------------------------------
 
@@ -858,7 +706,7 @@ class Daemon:
                                      f"{MAX_PLAN_BYTES}")
         return load_plan(Path(path))
 
-    def _reload(self, plan_path: Any) -> dict[str, Any]:
+    def reload(self, plan_path: Any) -> dict[str, Any]:
         from numabench.plans import validate_plan
 
         path = plan_path or self.plan_file
@@ -959,7 +807,10 @@ class Daemon:
 
     # --- stop ------------------------------------------------------------------------------
 
-    def _begin_stop(self) -> None:
+    def begin_stop(self, why: str) -> None:
+        if self.phase is not Phase.SERVING:
+            return
+        log.info("%s: draining, then stopping", why)
         self.phase = Phase.DRAINING
         self.deadline = time.monotonic() + self.opts.drain_timeout_s
 
@@ -1000,7 +851,7 @@ class Daemon:
             if self.client is not None:
                 self._answer_stragglers()
                 for envelope, rid in self.stop_waiters:
-                    self._reply(envelope, rid, wire.OK, {"stopped": True, "pid": os.getpid()})
+                    self.reply(envelope, rid, wire.OK, {"stopped": True, "pid": os.getpid()})
             if self.state_file is not None:
                 endpoints.remove_state(os.getpid(), self.state_file)
             if self.client is not None:
@@ -1027,25 +878,21 @@ class Daemon:
             got = self._recv_client()
             if got is None:
                 return
-            frames, refused = got
-            envelope = [frames[0].bytes]
-            body = frames[1:]
-            if len(body) > 1 and len(body[0]) == 0:
-                envelope, body = envelope + [b""], body[1:]
+            envelope, body = commands.split_envelope(got[0])
             try:
                 head, _ = wire.decode(body)
-                rid = _request_id(head.get("id"))
+                rid = commands.request_id(head.get("id"))
                 kind = head["type"]
             except Exception:  # noqa: BLE001
                 rid, kind = None, None
             if kind == wire.STOP:
                 self.stop_waiters.append((envelope, rid))
             else:
-                self._reject(envelope, rid, "stopping", "the daemon is stopping")
+                self.reject(envelope, rid, "stopping", "the daemon is stopping")
 
     # --- status ----------------------------------------------------------------------------
 
-    def _state(self) -> str:
+    def state(self) -> str:
         if self.phase is not Phase.SERVING:
             return "stopping"
         if self.rollout is not None:
@@ -1085,7 +932,7 @@ class Daemon:
             last_exit=i.last_exit, last_error=i.last_error) for i in self._shown())
         o = self.opts
         return DaemonStatus(
-            pid=os.getpid(), endpoint=self.endpoint, state=self._state(),
+            pid=os.getpid(), endpoint=self.endpoint, state=self.state(),
             started=self.started.isoformat(timespec="seconds"),
             uptime_s=round(time.monotonic() - self.started_mono, 1),
             plan={"file": self.plan_file, "name": self.plan.name}, model=o.model, backend=o.backend,
@@ -1100,11 +947,6 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return self.snapshot().to_doc()
-
-
-COMMANDS = {wire.INFER: Daemon._cmd_infer, wire.STATUS: Daemon._cmd_status,
-            wire.PING: Daemon._cmd_ping, wire.STOP: Daemon._cmd_stop,
-            wire.RELOAD: Daemon._cmd_reload}
 
 
 def _answers(endpoint: Any) -> bool:
