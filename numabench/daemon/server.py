@@ -832,7 +832,9 @@ class Daemon:
         self.phase = Phase.CLOSING
         self.deadline = time.monotonic() + self.opts.grace_s
         for iid in self.group.alive():
-            self._send_stop(self._live(iid) or self.instances[iid])
+            inst = self._live(iid)
+            if inst is not None:
+                self._send_stop(inst)
 
     def _check_closed(self) -> None:
         if self.group.alive() and time.monotonic() < self.deadline:
