@@ -150,3 +150,26 @@ def test_request_checks_are_shared_and_name_the_problem():
         requests.check_texts(["a", 3])
     with pytest.raises(requests.RequestError, match="limit"):
         requests.check_texts(["a"] * 3, max_rows=2)
+
+
+def test_rollout_steps_keep_every_pool_serving():
+    from numabench.daemon.reload import DONE, RETIRE, RETIRE_REMOVED, START, WAIT, RolloutView, next_step
+
+    change = diff({0: "a", 1: "b", 2: "c"}, {0: "A", 1: "B", 3: "d"})
+    assert (change.replaced, change.added, change.removed) == ((0, 1), (3,), (2,))
+    old = frozenset({0, 1, 2})
+    # The added instance warms up first; nothing old is touched meanwhile.
+    assert next_step(change, None, (0, 1), RolloutView(starting=frozenset({3}), old_alive=old)).action == WAIT
+    # Then one replaced id at a time: retire the old, wait for its exit, start, wait for ready.
+    s = next_step(change, None, (0, 1), RolloutView(old_alive=old))
+    assert (s.action, s.instance) == (RETIRE, 0)
+    assert next_step(change, 0, (1,), RolloutView(pending=frozenset({0, 1}), old_alive=old)).action == WAIT
+    assert next_step(change, 0, (1,), RolloutView(pending=frozenset({0, 1}),
+                                                  old_alive=frozenset({1, 2}))).action == START
+    assert next_step(change, 0, (1,), RolloutView(starting=frozenset({0}), pending=frozenset({1}),
+                                                  old_alive=frozenset({1, 2}))).action == WAIT
+    s = next_step(change, 0, (1,), RolloutView(pending=frozenset({1}), old_alive=frozenset({1, 2})))
+    assert (s.action, s.instance) == (RETIRE, 1)
+    # Removed instances retire last; done once none runs.
+    assert next_step(change, 1, (), RolloutView(old_alive=frozenset({2}))).action == RETIRE_REMOVED
+    assert next_step(change, 1, (), RolloutView()).action == DONE

@@ -36,3 +36,42 @@ def diff(running: Mapping[int, Any], wanted: Mapping[int, Any],
         (kept if running[iid] == wanted[iid] and iid not in failed else replaced).append(iid)
     return ReloadDiff(tuple(kept), tuple(replaced), tuple(sorted(set(wanted) - set(running))),
                       tuple(sorted(set(running) - set(wanted))))
+
+
+WAIT, START, RETIRE, RETIRE_REMOVED, DONE = "wait", "start", "retire", "retire-removed", "done"
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """What the next rollout step depends on, by instance id."""
+
+    starting: frozenset[int] = frozenset()   # current-plan instances warming up
+    pending: frozenset[int] = frozenset()    # successors not started yet
+    old_alive: frozenset[int] = frozenset()  # replaced or removed instances whose process runs
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # WAIT, START (the successor of `instance`), RETIRE (the old `instance`),
+    instance: int | None = None  # RETIRE_REMOVED (all removed ones), DONE
+
+
+def next_step(change: ReloadDiff, current: int | None, remaining: tuple[int, ...],
+              view: RolloutView) -> Step:
+    """The rollout's next step: added instances get ready first; then, one replaced id at a
+    time, the old process exits (RETIRE, then WAIT) before its successor starts (START, then
+    WAIT until ready); then removed instances retire; DONE once none of them runs."""
+    if any(i in view.starting for i in change.added):
+        return Step(WAIT)
+    if current is not None:
+        if current in view.old_alive:
+            return Step(WAIT, current)
+        if current in view.pending:
+            return Step(START, current)
+        if current in view.starting:
+            return Step(WAIT, current)
+    if remaining:
+        return Step(RETIRE, remaining[0])
+    if any(i in view.old_alive for i in change.removed):
+        return Step(RETIRE_REMOVED)
+    return Step(DONE)

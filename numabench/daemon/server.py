@@ -35,7 +35,7 @@ from numabench.daemon import auth, commands, endpoints, wire
 from numabench.daemon.commands import Rejected, short
 from numabench.daemon.instances import Dispatch, Instance, Pool, Rollout
 from numabench.daemon.pools import PoolSpec, build_pools, route
-from numabench.daemon.reload import diff
+from numabench.daemon.reload import DONE, RETIRE, RETIRE_REMOVED, START, RolloutView, diff, next_step
 from numabench.daemon.scheduler import Candidate, Request, Scheduler
 from numabench.daemon.status import DaemonStatus, InstanceStatus, PoolStatus
 from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolicy
@@ -760,33 +760,28 @@ class Daemon:
                 "pools": list(self.pools)}
 
     def _advance_rollout(self) -> None:
-        """Next step of a reload: wait for added instances, then swap replaced ones one at a
-        time (old drains and exits, then its successor starts), then retire removed ones."""
+        """Carry out the rollout's next step (reload.next_step decides it)."""
         ro = self.rollout
         if ro is None:
             return
-        if any(self.instances[i].state is S.STARTING for i in ro.diff.added):
-            return
-        if ro.current is not None:
-            old, new = ro.old[ro.current], self.instances[ro.current]
-            if old.state.alive:
-                return
-            if new.state is S.PENDING:
-                new.served, new.errors, new.busy_ns = old.served, old.errors, old.busy_ns
-                self._spawn(new)
-                return
-            if new.state is S.STARTING:
-                return
-            ro.current = None
-        if ro.replace:
+        view = RolloutView(
+            starting=frozenset(i for i, x in self.instances.items() if x.state is S.STARTING),
+            pending=frozenset(i for i, x in self.instances.items() if x.state is S.PENDING),
+            old_alive=frozenset(i for i, x in ro.old.items() if x.state.alive))
+        step = next_step(ro.diff, ro.current, tuple(ro.replace), view)
+        if step.action == START:
+            old, new = ro.old[step.instance], self.instances[step.instance]
+            new.served, new.errors, new.busy_ns = old.served, old.errors, old.busy_ns
+            self._spawn(new)
+        elif step.action == RETIRE:
             ro.current = ro.replace.popleft()
             self._retire(ro.old[ro.current])
-            self._advance_rollout()
-            return
-        for iid in ro.diff.removed:
-            self._retire(ro.old[iid])
-        self.others = [i for i in self.others if i.state.alive]
-        if not self.others:
+            self._advance_rollout()  # an old instance that was not running: its successor starts now
+        elif step.action == RETIRE_REMOVED:
+            for iid in ro.diff.removed:
+                self._retire(ro.old[iid])
+        elif step.action == DONE:
+            self.others = [i for i in self.others if i.state.alive]
             self.rollout = None
             log.info("reload done: %d instances in %d pools", len(self.instances), len(self.pools))
 
