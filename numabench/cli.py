@@ -414,11 +414,14 @@ endpoint_option = click.option(
               help="Micro-batching: rows per dispatch (1 = off).")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
               help="Micro-batching: longest wait for a fuller batch.")
+@click.option("--inflight", type=int, default=2, show_default=True,
+              help="Dispatches sent and unanswered per instance, so a worker never waits for "
+                   "its next input.")
 @click.option("--pad", type=click.Choice(["max", "bucket"]), default="max", show_default=True,
               help="Pad requests to the pool's max length, or to power-of-two buckets in its range.")
 @click.option("--max-rows", type=int, default=64, show_default=True, help="Rows per request, at most.")
 @click.option("--max-request-mb", type=float, default=64.0, show_default=True,
-              help="Largest request message (bigger ones are dropped by ZeroMQ).")
+              help="Largest request message, all its frames together (bigger ones get an error).")
 @click.option("--request-timeout", type=float, default=120.0, show_default=True,
               help="Seconds a request may wait and run before it is answered with an error.")
 @click.option("--warmup", "-w", type=int, default=1, show_default=True,
@@ -434,7 +437,7 @@ endpoint_option = click.option(
 @click.option("--hosts", type=int, help="With --ray: run a daemon on this many hosts (default: all).")
 @user_errors
 def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, bind,
-              allow_public_bind, queue_size, max_batch, max_wait_ms, pad, max_rows, max_request_mb,
+              allow_public_bind, queue_size, max_batch, max_wait_ms, inflight, pad, max_rows, max_request_mb,
               request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port,
               ray_address, hosts):
     """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
@@ -465,7 +468,8 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
     opts = ServeOptions(
         model=model, backend=backend, precision=precision, seed=seed, backend_options=options,
         warmup=warmup, pad=pad, bind=bind, allow_public_bind=allow_public_bind,
-        queue_size=queue_size, max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows,
+        queue_size=queue_size, max_batch=max_batch, max_wait_ms=max_wait_ms, inflight=inflight,
+        max_rows=max_rows,
         max_request_bytes=int(max_request_mb * (1 << 20)), request_timeout_s=request_timeout,
         binder=binder, allocator=allocator, run_dir=Path(run_dir) if run_dir else None,
         metrics_port=metrics_port)
@@ -546,10 +550,13 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
             reply = c.infer(input_ids=ids, want="outputs" if outputs else "summary")
     if as_json:
         click.echo(json.dumps(reply.header, indent=1))
+        if not reply.ok:
+            sys.exit(1)  # busy or error: scripts see it in the exit status too
     elif reply.ok:
         h = reply.header
         click.echo(f"ok: instance {h['instance']} (pool {h['pool']}), {h['rows']}x{h['seq']} tokens "
-                   f"padded to {h['padded_seq']}; queue {h['queue_ns'] / 1e6:.2f} ms, compute "
+                   f"padded to {h['padded_seq']}; queue {h['queue_ns'] / 1e6:.2f} ms, in worker "
+                   f"{h.get('worker_queue_ns', 0) / 1e6:.2f} ms, compute "
                    f"{h['compute_ns'] / 1e6:.2f} ms, total {h['total_ns'] / 1e6:.2f} ms; output "
                    f"{h['output']['shape']} checksum {h['output']['checksum']}")
     else:

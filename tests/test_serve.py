@@ -42,8 +42,12 @@ class Daemon:
         self.proc = subprocess.Popen(
             CLI + ["serve", "--backend", "noop", "--model", "bert-tiny", "--run-dir",
                    str(tmp / "run"), *args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.endpoint = self._wait_endpoint()
-        self.wait_status(lambda s: s["state"] == "serving")
+        try:
+            self.endpoint = self._wait_endpoint()
+            self.wait_status(lambda s: s["state"] == "serving")
+        except BaseException:
+            self.close()  # never leave a daemon behind a failed start
+            raise
 
     def _wait_endpoint(self, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
@@ -60,6 +64,8 @@ class Daemon:
         return (self.tmp / "serve.log").read_text()
 
     def client(self, **kw) -> Client:
+        if self.endpoint.startswith("tcp://"):
+            kw.setdefault("key_folder", self.runtime / "curve")
         return Client(self.endpoint, **kw)
 
     def status(self) -> dict:
@@ -196,10 +202,25 @@ def test_status_cli_json_and_metrics(two_pools):
     assert "serving" in text and "1-32" in text
     r = two_pools.cli("client", "--seq", "40", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["pool"] == "33-"
+    r = two_pools.cli("client", "--seq", "4000", "--json")  # no pool: exit status says so
+    assert r.returncode == 1 and json.loads(r.stdout)["status"] == "error"
+
+    with two_pools.client() as c:  # a rejected request (too long for any pool? no: bad dtype)
+        assert not c.infer(input_ids=np.ones((1, 4), np.float32)).ok
+    body = metrics(two_pools)
+    assert b'numabench_requests_total{pool="1-32",status="ok"}' in body
+    assert b"# TYPE numabench_requests_total counter" in body
+    assert b"# TYPE numabench_instance_served_total counter" in body
+    assert b'numabench_rejected_total{reason="bad_input"}' in body
+    assert b'numabench_instance_ready{instance="1",pool="33-"} 1.0' in body
+
+
+def metrics(d: Daemon) -> bytes:
     import urllib.request
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{doc['metrics_port']}/metrics", timeout=5).read()
-    assert b'numabench_requests_total{pool="1-32",status="ok"}' in body
+    port = d.status()["metrics_port"]
+    time.sleep(0.6)  # the scrape reads a snapshot refreshed twice a second
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
 
 
 def test_loadgen_open_loop_reports_per_pool(two_pools):
@@ -219,7 +240,8 @@ def test_reload_applies_a_changed_plan(two_pools):
     plan.write_text(TWO_POOLS.format(a=USABLE[0], b=USABLE[1]).replace("max: 32", "max: 64")
                     .replace("min: 33", "min: 65"))
     with two_pools.client() as c:
-        before = {i["id"]: i["pid"] for i in c.status()["instances"]}
+        old = c.status()
+        before = {i["id"]: i["pid"] for i in old["instances"]}
         r = c.reload()
         assert sorted(r["stopped"]) == [0, 1] and sorted(r["started"]) == [0, 1]
         # Requests sent during the switch wait for the new instances instead of failing.
@@ -230,6 +252,11 @@ def test_reload_applies_a_changed_plan(two_pools):
     assert all(i["pid"] != before[i["id"]] for i in s["instances"])
     r = two_pools.cli("reload")
     assert r.returncode == 0 and "kept [0, 1]" in r.stdout, r.stdout + r.stderr
+    # Counters are not reset by the reload; the removed pools' series are gone.
+    assert sum(i["served"] for i in s["instances"]) == sum(i["served"] for i in old["instances"]) + 1
+    assert s["replies"]["ok"] > old["replies"]["ok"]
+    body = metrics(two_pools)
+    assert b'pool="1-64"' in body and b'pool="1-32"' not in body
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def test_bind_checks(tmp_path):
         with pytest.raises(endpoints.EndpointError, match="allow-public-bind"):
             endpoints.check_bind(bad)
         assert endpoints.check_bind(bad, allow_public=True)  # allowed, with a warning
-    for bad in ("ipc://relative.sock", "inproc://x", "nonsense"):
+    for bad in ("ipc://relative.sock", "inproc://x", "nonsense", "tcp://127.0.0.1",
+                "tcp://127.0.0.1:port"):
         with pytest.raises(endpoints.EndpointError):
             endpoints.check_bind(bad)
 
@@ -78,7 +79,12 @@ def test_state_file_is_private_and_discovered(tmp_path, monkeypatch):
     monkeypatch.delenv(endpoints.ENDPOINT_ENV, raising=False)
     with pytest.raises(endpoints.EndpointError, match="no running daemon"):
         endpoints.discover_endpoint()
-    path = endpoints.write_state({"pid": os.getpid(), "endpoint": "ipc:///x/serve.sock"})
+    # A stale file naming a live pid that is not the daemon that wrote it (a reused pid).
+    endpoints.write_state({"pid": os.getpid(), "pid_start": 1, "endpoint": "ipc:///x/serve.sock"})
+    with pytest.raises(endpoints.EndpointError, match="not running"):
+        endpoints.discover_endpoint()
+    path = endpoints.write_state({"pid": os.getpid(), "endpoint": "ipc:///x/serve.sock",
+                                  "pid_start": endpoints.process_start(os.getpid())})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert endpoints.discover_endpoint() == "ipc:///x/serve.sock"
     assert endpoints.discover_endpoint("tcp://127.0.0.1:1") == "tcp://127.0.0.1:1"
@@ -86,3 +92,16 @@ def test_state_file_is_private_and_discovered(tmp_path, monkeypatch):
     assert path.exists()
     endpoints.remove_state(os.getpid())
     assert not path.exists()
+
+
+def test_a_shared_runtime_folder_is_left_alone(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    monkeypatch.setenv(endpoints.RUNTIME_ENV, str(shared))
+    private = endpoints.runtime_dir()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777  # never chmod-ed
+    assert private.parent == shared and stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert endpoints.state_path().parent == private
+    with pytest.raises(endpoints.EndpointError, match="port"):
+        endpoints.check_bind("tcp://127.0.0.1")

@@ -15,6 +15,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,17 +69,33 @@ class Reply:
     def compute_ns(self) -> int | None:
         return self.header.get("compute_ns")
 
+    @property
+    def worker_queue_ns(self) -> int | None:
+        """Time the request waited inside the worker (sent → the worker started it)."""
+        return self.header.get("worker_queue_ns")
+
 
 class Client:
     def __init__(self, endpoint: str | None = None, timeout_s: float = 60.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, key_folder: str | os.PathLike | None = None):
+        """`endpoint`: default the running daemon's (state file); a tcp:// one is reached with
+        the owner's CURVE keys from the runtime folder, or from `key_folder` (daemon/auth.py)."""
         self.endpoint = discover_endpoint(endpoint)
         self.timeout_s = timeout_s
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.endpoint)
+        try:
+            if self.endpoint.startswith("tcp://"):
+                from numabench.daemon import auth
+
+                keys = auth.Keys(Path(key_folder)) if key_folder else auth.client_keys()
+                auth.secure_client(self.sock, keys)  # the owner's CURVE keys
+            self.sock.connect(self.endpoint)
+        except BaseException:
+            self.close()
+            raise
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
         self._early: dict[Any, Reply] = {}  # replies received while waiting for another one

@@ -1,9 +1,9 @@
 """Where the daemon listens and how clients find it; what a bind address may be.
 
 Default: `ipc://` in a folder only the user can open (0700), so no other user can connect.
-Loopback TCP is also accepted. Anything else (another interface, an ipc socket in a shared
-folder) needs an explicit `allow_public=True` and is warned about: the daemon has no
-authentication, and anyone who can connect can run the models.
+Loopback TCP is also accepted, authenticated with CURVE (daemon/auth.py). Anything else (another
+interface, an ipc socket in a shared folder) needs an explicit `allow_public=True` and is warned
+about.
 
 The running daemon writes its endpoint to a state file (0600) in the same private folder;
 `status`, `stop` and `client` read it, so they need no flags.
@@ -33,25 +33,34 @@ class EndpointError(NumabenchError):
 
 def runtime_dir(create: bool = True) -> Path:
     """The private folder: $NUMABENCH_RUNTIME_DIR, else $XDG_RUNTIME_DIR/numabench, else
-    ~/.cache/numabench. Created 0700; refused when another user owns it."""
+    ~/.cache/numabench. Created 0700 when missing. A folder that exists but is not private to
+    this user (a shared 1777 /tmp-like folder) is left as it is: a private `numabench-<uid>`
+    folder inside it is used instead."""
     if os.environ.get(RUNTIME_ENV):
-        path = Path(os.environ[RUNTIME_ENV])
+        base = Path(os.environ[RUNTIME_ENV])
     elif os.environ.get("XDG_RUNTIME_DIR") and os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
-        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "numabench"
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "numabench"
     else:
-        path = Path.home() / ".cache" / "numabench"
+        base = Path.home() / ".cache" / "numabench"
+    path = base if not base.exists() or is_private_dir(base) else base / f"numabench-{os.getuid()}"
     if create:
         make_private_dir(path)
     return path
 
 
 def make_private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create `path` 0700 if missing; refuse one that is another user's or open to others
+    (never chmod a folder numabench did not create)."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
     st = path.stat()
     if st.st_uid != os.getuid():
         raise EndpointError(f"{path} belongs to another user (uid {st.st_uid}); refusing to use it")
     if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)  # ours, but opened up: close it before putting a socket there
+        raise EndpointError(f"{path} can be opened by other users (mode "
+                            f"{stat.S_IMODE(st.st_mode):o}); make it 0700 or remove it")
 
 
 def is_private_dir(path: Path) -> bool:
@@ -87,16 +96,20 @@ def check_bind(endpoint: str, allow_public: bool = False) -> list[str]:
             return []
         why = f"the folder {path.parent} can be opened by other users (or is not yours)"
     elif scheme == "tcp":
-        host = rest.rsplit(":", 1)[0].strip("[]")
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            raise EndpointError(f"tcp endpoint {endpoint!r} needs a host and a port, e.g. "
+                                "tcp://127.0.0.1:5555 (port 0 picks a free one)")
+        host = host.strip("[]")
         if host == "localhost" or _is_loopback(host):
             return []
         why = f"{host} is not a loopback address: other machines may connect"
     else:
         raise EndpointError(f"bind endpoint {endpoint!r}: use ipc:// or tcp://")
     if not allow_public:
-        raise EndpointError(f"refusing to bind {endpoint}: {why}. The daemon has no "
-                            "authentication; pass --allow-public-bind to bind there anyway")
-    return [f"binding {endpoint}: {why}; anyone who can connect can run requests"]
+        raise EndpointError(f"refusing to bind {endpoint}: {why}. Pass --allow-public-bind to "
+                            "bind there anyway")
+    return [f"binding {endpoint}: {why}"]
 
 
 def _is_loopback(host: str) -> bool:
@@ -152,6 +165,27 @@ def remove_state(pid: int, path: Path | None = None) -> None:
             pass
 
 
+def process_start(pid: Any) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat), None if gone:
+    with the pid, it names one process even after the pid is reused."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat_line.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_our_daemon(doc: dict[str, Any]) -> bool:
+    """The state file's process still runs and is the daemon that wrote it (not a reused pid)."""
+    pid = doc.get("pid")
+    if not pid_alive(pid):
+        return False
+    start = process_start(pid)
+    return start is not None and start == doc.get("pid_start")
+
+
 def pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -174,7 +208,8 @@ def discover_endpoint(endpoint: str | None = None) -> str:
     if doc is None or not isinstance(doc.get("endpoint"), str):
         raise EndpointError(f"no running daemon found (no state file {state_path()}); start one "
                             "with `numabench serve`, or give --endpoint")
-    if not pid_alive(doc.get("pid")):
-        raise EndpointError(f"the daemon in {state_path()} (pid {doc.get('pid')}) is not running; "
-                            "start one with `numabench serve`")
+    if not is_our_daemon(doc):
+        raise EndpointError(f"the daemon in {state_path()} (pid {doc.get('pid')}) is not running "
+                            "(the pid is gone or now another process); start one with "
+                            "`numabench serve`")
     return doc["endpoint"]

@@ -16,8 +16,16 @@ def render_status(doc: dict[str, Any]) -> str:
     ]
     if doc.get("metrics_port"):
         lines.append(f"metrics: http://127.0.0.1:{doc['metrics_port']}/metrics")
+    loop = doc.get("loop_cpus")
+    lines.append(f"clients: {doc.get('auth', '?')}; event loop on "
+                 f"{'CPUs ' + ','.join(map(str, loop)) if loop else 'any CPU (the plan leaves none free)'}"
+                 f"; in flight per instance: {doc.get('options', {}).get('inflight', '?')}")
+    rejected = doc.get("rejected") or {}
+    if rejected:
+        lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
     lines += ["", f"{'pool':<12} {'seq':>9} {'pad to':<16} {'inst':<8} {'queue':>7} {'served':>8} "
-                  f"{'busy':>6} {'errors':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"]
+                  f"{'busy':>6} {'errors':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+                  f"{'60s p99':>8}"]
     for p in doc["pools"]:
         shapes = ",".join(str(s) for s in p["shapes"])
         inst = ",".join(str(i) for i in p["instances"])
@@ -25,7 +33,8 @@ def render_status(doc: dict[str, Any]) -> str:
         name = p["name"] + (" DEGRADED" if p["degraded"] else "")
         lines.append(f"{name:<12} {p['seq_min']:>4}-{p['seq_max']:<4} {shapes:<16} {inst:<8} "
                      f"{p['queued']:>3}/{p['queue_limit']:<3} {p['served']:>8} {p['busy']:>6} "
-                     f"{p['errors']:>6} {_ms(lat['p50']):>8} {_ms(lat['p90']):>8} {_ms(lat['p99']):>8}")
+                     f"{p['errors']:>6} {_ms(lat['p50']):>8} {_ms(lat['p90']):>8} {_ms(lat['p99']):>8} "
+                     f"{_ms(lat.get('recent', {}).get('p99')):>8}")
     lines += ["", f"{'inst':>4} {'pool':<10} {'state':<10} {'pid':>8} {'cpus':<12} {'load':>4} "
                   f"{'served':>8} {'errors':>6} {'restarts':>8}  last exit"]
     for i in doc["instances"]:

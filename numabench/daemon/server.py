@@ -1,26 +1,29 @@
-"""`numabench serve`: the plan's instances kept warm, fed by client requests.
+"""`numabench serve`: the plan's instances kept warm, fed by client requests. The event loop.
 
-One thread, one event loop over two ROUTER sockets (zmq.Poller): the worker-facing one of the
-launcher's Coordinator (workers' DEALERs connect to it, same protocol as `launch`) and a
-client-facing one (docs/serve.md). Each instance has at most one dispatch in flight (a worker
-computes one batch at a time); requests wait in a bounded queue per pool, and a full queue is
-answered "busy" at once. Every request ends in exactly one REPLY: ok, busy or error.
+One thread polls two ROUTER sockets: the worker-facing one of the launcher's Coordinator (same
+protocol as `launch`) and the client-facing one (docs/serve.md). The parts it drives are pure and
+live apart: client commands and the one guard around them (commands.py), request checks
+(workers/requests.py), queues and credit-based dispatch (scheduler.py), the restart policy and
+instance states (supervisor.py), the reload diff (reload.py), the records it keeps
+(instances.py) and the status facts (status.py).
 
-Failures: a worker that exits is restarted with exponential backoff; its in-flight requests are
-retried once on another instance of the pool, else answered with an error. An instance that
-dies `degraded_after` times within `restart_window_s` marks its pool degraded; after
-`max_restarts` deaths in the window it is given up ("failed").
+Every client message gets exactly one reply, and nothing a client sends can end the daemon:
+`commands.handle` is the one place a message is handled, and any exception there becomes an
+error reply to that client. Memory per client is bounded: a whole message is limited (not per frame),
+and replies a client does not read are dropped beyond a send high-water mark.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import logging
 import math
 import os
+import shutil
 import signal
-import subprocess
+import stat
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,27 +31,37 @@ from typing import Any
 import numpy as np
 import zmq
 
-from numabench.daemon import endpoints, wire
-from numabench.daemon.pools import PoolSpec, build_pools, least_loaded, route
+from numabench.daemon import auth, commands, endpoints, wire
+from numabench.daemon.commands import Rejected, short
+from numabench.daemon.instances import Dispatch, Instance, Pool, Rollout
+from numabench.daemon.pools import PoolSpec, build_pools, route
+from numabench.daemon.reload import DONE, RETIRE, RETIRE_REMOVED, START, RolloutView, diff, next_step
+from numabench.daemon.scheduler import Candidate, Request, Scheduler
+from numabench.daemon.status import DaemonStatus, InstanceStatus, PoolStatus
+from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolicy
 from numabench.errors import NumabenchError
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
-from numabench.results import PERCENTILE_MIN_SAMPLES, percentile
 from numabench.workers import protocol
-from numabench.workers.config import WorkerConfig
 
 log = logging.getLogger("numabench.serve")
 
+S = InstanceState
 WORKER_IDLE_TIMEOUT_S = 10 * 365 * 86400.0  # a warm worker may wait for requests indefinitely
 CHECK_EVERY_S = 0.05  # process reaping and timers
-LATENCY_WINDOW = 10_000  # per pool: percentiles over the latest requests
-MAX_ID_CHARS = 200
-MAX_TEXT_CHARS = 100_000
+METRICS_EVERY_S = 0.5
+MAX_FRAMES = 8  # identity, REQ delimiter, header, input_ids, attention_mask, and some slack
+MAX_PLAN_BYTES = 1 << 20
+BATCH_PER_SOCKET = 1000  # messages read per socket per turn: let the other one and timers in
 
-STARTING, READY, RESTARTING, FAILED, RETIRING, STOPPED, PENDING = (
-    "starting", "ready", "restarting", "failed", "retiring", "stopped", "pending")
+
+class Phase(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"  # STOP received: no new work, queued and in-flight work finishes
+    CLOSING = "closing"    # workers asked to stop; clients still answered ("stopping")
+    DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -65,8 +78,10 @@ class ServeOptions:
     queue_size: int = 64  # per pool, waiting requests (not counting those in flight)
     max_batch: int = 1  # rows per dispatch; > 1 enables micro-batching
     max_wait_ms: float = 2.0  # micro-batching: how long the oldest request may wait for company
+    inflight: int = 2  # dispatches sent and unanswered per instance (credits)
     max_rows: int = 64  # rows per request
-    max_request_bytes: int = 64 << 20
+    max_request_bytes: int = 64 << 20  # a whole client message (all its frames)
+    send_hwm: int = 64  # replies queued per client before further ones are dropped
     request_timeout_s: float = 120.0
     ready_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
@@ -82,74 +97,15 @@ class ServeOptions:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     path: str | None = None  # PATH for finding numactl / taskset
+    pin_loop: bool = True  # run the event loop on CPUs the plan leaves free, where there are any
+
+    def policy(self) -> RestartPolicy:
+        return RestartPolicy(int(self.restart_backoff_s * 1000), int(self.restart_backoff_max_s * 1000),
+                             int(self.restart_window_s * 1000), self.degraded_after, self.max_restarts)
 
 
-@dataclass(eq=False)
-class Request:
-    envelope: list[bytes]
-    rid: Any
-    want: str
-    ids: np.ndarray  # (rows, seq) int64, unpadded
-    mask: np.ndarray
-    pool: str
-    arrived_ns: int
-    retried: bool = False
-    avoid: int | None = None  # instance that died serving it
-
-    @property
-    def rows(self) -> int:
-        return int(self.ids.shape[0])
-
-    @property
-    def seq(self) -> int:
-        return int(self.ids.shape[1])
-
-
-@dataclass(eq=False)
-class Dispatch:
-    req: int
-    instance: int
-    requests: list[Request]
-    target: int
-    sent_ns: int
-
-
-@dataclass(eq=False)
-class Instance:
-    plan: InstancePlan
-    pool: str
-    config: WorkerConfig
-    state: str = STARTING
-    pid: int | None = None
-    inflight: Dispatch | None = None
-    served: int = 0
-    errors: int = 0
-    restarts: int = 0
-    deaths: deque = field(default_factory=deque)  # monotonic seconds
-    restart_at: float = 0.0
-    started_at: float = 0.0
-    last_exit: str | None = None
-    last_error: str | None = None
-    busy_ns: int = 0
-    ready_once: bool = False
-
-    @property
-    def id(self) -> int:
-        return self.plan.id
-
-
-@dataclass(eq=False)
-class Pool:
-    spec: PoolSpec
-    queue: deque = field(default_factory=deque)
-    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    served: int = 0
-    busy: int = 0
-    errors: int = 0
-
-
-def _describe_exit(instance: int, code: int) -> str:
-    return Exited(instance, code).describe()
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
 
 
 class Daemon:
@@ -161,25 +117,27 @@ class Daemon:
         check_backend(opts.backend, opts.precision, opts.backend_options)
         self.spec = resolve_model(opts.model)
         for name, value, low in (("--queue-size", opts.queue_size, 0), ("--max-batch", opts.max_batch, 1),
-                                 ("--max-rows", opts.max_rows, 1), ("--warmup", opts.warmup, 0)):
+                                 ("--max-rows", opts.max_rows, 1), ("--warmup", opts.warmup, 0),
+                                 ("--inflight", opts.inflight, 1), ("send_hwm", opts.send_hwm, 1)):
             if value < low:
                 raise NumabenchError(f"{name} must be at least {low} (got {value})")
         self.opts = opts
+        self.policy = opts.policy()
         self.plan = plan
         self.plan_file = plan_file
         self.machine = machine
         self.max_positions = self.spec.max_positions
         self.vocab_size = self.spec.vocab_size
         self.pools: dict[str, Pool] = {}
-        self.instances: dict[int, Instance] = {}
-        self.pending_starts: list[Instance] = []
-        self.retired: list[Instance] = []
-        self.dispatches: dict[int, Dispatch] = {}
+        self.instances: dict[int, Instance] = {}  # the current plan's, by id
+        self.others: list[Instance] = []  # replaced or removed by a reload, until they exit
+        self.rollout: Rollout | None = None
+        self.sched = Scheduler(opts.queue_size, opts.max_batch, int(opts.max_wait_ms * 1e6),
+                               opts.inflight)
         self._next_req = 0
-        self.stopping = False
-        self.stop_deadline = 0.0
+        self.phase = Phase.SERVING
+        self.deadline = 0.0
         self.stop_waiters: list[tuple[list[bytes], Any]] = []
-        self.done = False
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.started_mono = time.monotonic()
         self.tokenizer: Any = None
@@ -189,10 +147,21 @@ class Daemon:
         self.endpoint = ""
         self.state_file: Path | None = None
         self.warnings: list[str] = []
+        self.replies: Counter = Counter()  # by status, since start (any message type)
+        self.rejected: Counter = Counter()  # by reason, since start
+        self.loop_cpus: tuple[int, ...] | None = None
+        self._spawn_cpus: set[int] | None = None
         self._last_check = 0.0
+        self._last_metrics = 0.0
         self._announced_ready = False
         self._pool_specs = build_pools(plan, self.max_positions, opts.pad)
         self.extra_options: dict[str, Any] | None = None  # from the backend's one-off preparation
+        self.group: ProcessGroup | None = None
+        self.coord: Coordinator | None = None
+        self.ctx: zmq.Context | None = None
+        self.client: zmq.Socket | None = None
+        self.authenticator: Any = None
+        self.worker_dir: Path | None = None
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -205,22 +174,26 @@ class Daemon:
             timeout_s=WORKER_IDLE_TIMEOUT_S,
             warmup_shapes=[(b, s) for s in pool.shapes for b in batches], warmup_iterations=o.warmup,
             options={**o.backend_options, **(self.extra_options or {})})
-        return Instance(plan=inst, pool=pool.name, config=cfg)
+        return Instance(plan=inst, pool=pool.name, config=cfg, deaths=DeathRecord(self.policy))
 
     def _build(self, plan: Plan, specs: tuple[PoolSpec, ...]) -> dict[int, Instance]:
         by_id = {i.id: i for i in plan.instances}
-        out = {}
-        for spec in specs:
-            for iid in spec.instances:
-                out[iid] = self._make_instance(by_id[iid], spec)
-        return out
+        return {iid: self._make_instance(by_id[iid], spec) for spec in specs for iid in spec.instances}
 
     def _spawn(self, inst: Instance) -> None:
-        started = spawn.start_instance(self.group, self.binder, inst.plan, inst.config, self.preload)
+        # Workers start from the full CPU set (their binder narrows it): numactl checks -C
+        # against the affinity it inherits, which must not be the loop's few free CPUs.
+        if self._spawn_cpus:
+            os.sched_setaffinity(0, self._spawn_cpus)
+        try:
+            started = spawn.start_instance(self.group, self.binder, inst.plan, inst.config, self.preload)
+        finally:
+            if self._spawn_cpus and self.loop_cpus:
+                os.sched_setaffinity(0, self.loop_cpus)
         for w in started.warnings:
             log.warning("%s", w)
         inst.pid = started.pid
-        inst.state = STARTING
+        inst.state = S.STARTING
         inst.started_at = time.monotonic()
         log.info("instance %d: started pid %d (cpus %s, pool %s)", inst.id, started.pid,
                  list(inst.plan.cpus), inst.pool)
@@ -228,7 +201,11 @@ class Daemon:
     def _check_existing(self, endpoint: str) -> bool:
         """True when this daemon should own the state file (no other live daemon does)."""
         doc = endpoints.read_state()
-        if doc is None or not endpoints.pid_alive(doc.get("pid")) or doc.get("pid") == os.getpid():
+        if doc is None or doc.get("pid") == os.getpid() or not endpoints.is_our_daemon(doc):
+            return True  # none, or stale: its pid is gone or now belongs to another process
+        if not _answers(doc.get("endpoint")):
+            self.warnings.append(f"the daemon in {endpoints.state_path()} (pid {doc.get('pid')}) "
+                                 "does not answer on its endpoint; taking its place")
             return True
         if doc.get("endpoint") == endpoint or self.opts.bind is None:
             raise NumabenchError(f"a daemon is already running (pid {doc.get('pid')}, "
@@ -236,6 +213,34 @@ class Daemon:
         self.warnings.append(f"another daemon (pid {doc.get('pid')}) owns {endpoints.state_path()}: "
                              "clients need --endpoint to reach this one")
         return False
+
+    def _pin_loop(self) -> None:
+        """Run the loop (and the ZeroMQ threads created after this) on the CPUs no instance uses."""
+        if not self.opts.pin_loop:
+            return
+        usable = set(os.sched_getaffinity(0))
+        taken = {c for i in self.plan.instances for c in i.cpus}
+        free = usable - taken
+        if free and taken & usable:
+            self._spawn_cpus = usable
+            self.loop_cpus = tuple(sorted(free))
+            os.sched_setaffinity(0, free)
+            log.info("event loop on CPUs %s (left free by the plan)", list(self.loop_cpus))
+
+    def _worker_ipc_dir(self, runtime: Path) -> Path | None:
+        """The workers' socket folder inside the private runtime folder, so a `kill -9` leaves
+        it where the next start finds and removes it (w<pid> of a dead daemon)."""
+        for old in runtime.glob("w[0-9]*"):
+            pid = old.name[1:]
+            if pid.isdigit() and not endpoints.pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        folder = runtime / f"w{os.getpid()}"
+        if len(str(folder)) + len("/cxxxxxxxx/coord.sock") > endpoints.IPC_PATH_MAX:
+            log.warning("%s is too long a path for the workers' socket: using the temporary "
+                        "folder (a killed daemon may leave it behind)", runtime)
+            return None
+        endpoints.make_private_dir(folder)
+        return folder
 
     def _open(self) -> None:
         o = self.opts
@@ -252,27 +257,38 @@ class Daemon:
         if prepared is not None:
             self.extra_options = prepared.options
             self.warnings.extend(prepared.warnings)
+        self._pin_loop()
+        runtime = endpoints.runtime_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.group = ProcessGroup(self.run_dir)
-        self.coord = Coordinator(self.group, "ipc")
-        # A restarted worker reconnects with the same identity: let it take the old one over.
-        self.coord.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.client = self.coord.ctx.socket(zmq.ROUTER)
+        self.worker_dir = self._worker_ipc_dir(runtime)
+        self.coord = Coordinator(self.group, "ipc", ipc_dir=str(self.worker_dir) if self.worker_dir
+                                 else None, handover=True)
+        self.ctx = zmq.Context()
+        self.client = self.ctx.socket(zmq.ROUTER)
         self.client.setsockopt(zmq.LINGER, 1000)
+        # Each frame is capped by ZeroMQ; the whole message is checked in _recv_client.
         self.client.setsockopt(zmq.MAXMSGSIZE, o.max_request_bytes)
-        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
-            port = self.client.bind_to_random_port(endpoint[:-2])
-            endpoint = f"{endpoint[:-2]}:{port}"
-        else:
-            self.client.bind(endpoint)
+        # A client that never reads: beyond this many queued replies the ROUTER drops them.
+        self.client.setsockopt(zmq.SNDHWM, o.send_hwm)
+        self.client.setsockopt(zmq.RCVHWM, 1000)
+        if endpoint.startswith("tcp://"):
+            keys = auth.ensure_keys(runtime)
+            self.authenticator = auth.start_authenticator(self.ctx, keys)
+            auth.secure_server(self.client, keys)
+        try:
+            if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+                port = self.client.bind_to_random_port(endpoint[:-2])
+                endpoint = f"{endpoint[:-2]}:{port}"
+            else:
+                self.client.bind(endpoint)
+        except zmq.ZMQError as e:
+            raise NumabenchError(f"cannot listen on {endpoint}: {e}") from None
         if endpoint.startswith("ipc://"):
-            try:
-                os.chmod(endpoint[len("ipc://"):], 0o600)
-            except OSError:
-                pass
+            os.chmod(endpoint[len("ipc://"):], 0o600)  # the socket file: ours, just created
         self.endpoint = endpoint
         self.poller = zmq.Poller()
-        self.poller.register(self.coord.sock, zmq.POLLIN)
+        self.poller.register(self.coord.socket, zmq.POLLIN)
         self.poller.register(self.client, zmq.POLLIN)
         if self.spec.has_tokenizer:
             from numabench.workers.models import load_tokenizer
@@ -285,16 +301,17 @@ class Daemon:
                     f"tcp://{o.metrics_host}:0")) and not o.allow_public_bind:
                 raise NumabenchError(f"refusing to serve metrics on {o.metrics_host}: not a loopback "
                                      "address; pass --allow-public-bind to do it anyway")
-
             self.metrics = Metrics(o.metrics_port, o.metrics_host)
         if own_state:
             self.state_file = endpoints.write_state({
-                "pid": os.getpid(), "endpoint": endpoint, "started": self.started.isoformat(),
+                "pid": os.getpid(), "pid_start": endpoints.process_start(os.getpid()),
+                "endpoint": endpoint, "started": self.started.isoformat(),
                 "plan": self.plan_file, "run_dir": str(self.run_dir.resolve()),
                 "metrics_port": self.metrics.port if self.metrics else None})
         for w in self.warnings:
             log.warning("%s", w)
         self.pools = {s.name: Pool(s) for s in self._pool_specs}
+        self.sched.set_pools(self.pools)
         self.instances = self._build(self.plan, self._pool_specs)
         for inst in self.instances.values():
             self._spawn(inst)
@@ -311,7 +328,7 @@ class Daemon:
                 old[sig] = signal.signal(sig, self._on_signal)
         try:
             self._open()
-            while not self.done:
+            while self.phase is not Phase.DONE:
                 self._step()
         finally:
             self._close()
@@ -320,220 +337,154 @@ class Daemon:
         return 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if not self.stopping:
-            log.info("signal %d: draining, then stopping", signum)
-            self._begin_stop()
+        self.begin_stop(f"signal {signum}")
 
     def _step(self) -> None:
-        now = time.monotonic()
-        for sock, _ in self.poller.poll(self._poll_timeout_ms(now)):
-            handle = self._on_worker if sock is self.coord.sock else self._on_client
-            for _ in range(1000):  # bounded: let the other socket and timers have a turn
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                handle(frames)
+        for sock, _ in self.poller.poll(self._poll_timeout_ms()):
+            if sock is self.client:
+                for _ in range(BATCH_PER_SOCKET):
+                    got = self._recv_client()
+                    if got is None:
+                        break
+                    commands.handle(self, *got)
+            else:
+                for _ in range(BATCH_PER_SOCKET):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._guarded_worker(frames)
         now = time.monotonic()
         if now - self._last_check >= CHECK_EVERY_S:
             self._last_check = now
             self._check_processes()
             self._check_timers(now)
-            if self.metrics:
-                self.metrics.refresh(self)
-        for pool in self.pools.values():
-            self._pump(pool)
-        if self.stopping:
+            self._advance_rollout()
+        if self.metrics and now - self._last_metrics >= METRICS_EVERY_S:
+            self._last_metrics = now
+            self.metrics.refresh(self.snapshot(latency=False))
+        for name in self.pools:
+            self._pump(name)
+        if self.phase is Phase.DRAINING:
             self._check_drained()
+        elif self.phase is Phase.CLOSING:
+            self._check_closed()
 
-    def _poll_timeout_ms(self, now: float) -> int:
+    def _poll_timeout_ms(self) -> int:
         timeout = CHECK_EVERY_S
-        if self.opts.max_batch > 1:
-            wait_ns = int(self.opts.max_wait_ms * 1e6)
-            mono = time.monotonic_ns()
-            for pool in self.pools.values():
-                if pool.queue:
-                    timeout = min(timeout, max(0.0, (pool.queue[0].arrived_ns + wait_ns - mono) / 1e9))
+        due = self.sched.next_wakeup_ns()
+        if due is not None:
+            timeout = min(timeout, max(0.0, (due - time.monotonic_ns()) / 1e9))
         return max(0, int(math.ceil(timeout * 1000)))
 
     # --- client messages -------------------------------------------------------------------
 
-    def _reply(self, envelope: list[bytes], rid: Any, status: str, header: dict[str, Any] | None = None,
+    def _recv_client(self) -> tuple[list[Any], str | None] | None:
+        """One client message, frame by frame so that a message over the whole-message limit is
+        counted and dropped as it is read: (frames, why refused or None), or None when none."""
+        try:
+            frames = [self.client.recv(zmq.NOBLOCK, copy=False)]
+        except zmq.Again:
+            return None
+        total, count, refused = 0, 1, None
+        while self.client.getsockopt(zmq.RCVMORE):
+            frame = self.client.recv(copy=False)
+            count += 1
+            if refused:
+                continue
+            total += len(frame)
+            if total > self.opts.max_request_bytes:
+                refused = (f"message of more than {self.opts.max_request_bytes} bytes; the limit "
+                           "(--max-request-mb) applies to the whole message")
+            elif count > MAX_FRAMES:
+                refused = f"message of more than {MAX_FRAMES - 1} frames"
+            if refused:
+                del frames[2:]  # keep the envelope (identity and a REQ delimiter), drop the rest
+            else:
+                frames.append(frame)
+        return frames, refused
+
+    def reply(self, envelope: list[bytes], rid: Any, status: str, header: dict[str, Any] | None = None,
                arrays: dict[str, np.ndarray] | None = None) -> None:
         head = {"id": rid, "status": status, **(header or {})}
+        self.replies[status] += 1
         try:
-            self.client.send_multipart(envelope + wire.encode(wire.REPLY, head, arrays), copy=False)
-        except zmq.ZMQError as e:  # the client is gone: nothing to tell it
-            log.debug("reply to a departed client dropped: %s", e)
-
-    def _error(self, envelope: list[bytes], rid: Any, reason: str, **extra: Any) -> None:
-        self._reply(envelope, rid, wire.ERROR, {"reason": reason, **extra})
-
-    def _on_client(self, frames: list[Any]) -> None:
-        ident = frames[0].bytes
-        body = frames[1:]
-        envelope = [ident]
-        if len(body) > 1 and len(body[0]) == 0:  # a REQ client: keep its empty delimiter
-            envelope, body = [ident, b""], body[1:]
+            frames = wire.encode(wire.REPLY, head, arrays)
+        except wire.ProtocolError as e:  # a field that is not JSON: say so rather than nothing
+            log.error("reply not encodable: %s", e)
+            frames = wire.encode(wire.REPLY, {"id": rid, "status": wire.ERROR,
+                                              "reason": f"internal error: reply not encodable: {e}"})
         try:
-            head, arrays = wire.decode(body)
-        except wire.ProtocolError as e:
-            self._error(envelope, None, f"malformed message: {e}")
-            return
-        rid = head.get("id")
-        if not (rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool)
-                                and len(str(rid)) <= MAX_ID_CHARS)):
-            self._error(envelope, None, f"id must be a string or integer of at most {MAX_ID_CHARS} "
-                                        "characters")
-            return
-        kind = head["type"]
-        try:
-            if kind == wire.INFER:
-                self._on_infer(envelope, rid, head, arrays)
-            elif kind == wire.STATUS:
-                self._reply(envelope, rid, wire.OK, {"daemon": self.status()})
-            elif kind == wire.PING:
-                self._reply(envelope, rid, wire.OK, {"pid": os.getpid(), "state": self._state()})
-            elif kind == wire.STOP:
-                self.stop_waiters.append((envelope, rid))
-                if not self.stopping:
-                    log.info("STOP received: draining, then stopping")
-                    self._begin_stop()
-            elif kind == wire.RELOAD:
-                self._reply(envelope, rid, wire.OK, self._reload(head.get("plan")))
-            else:
-                self._error(envelope, rid, f"a client sends {', '.join(sorted(wire.REQUESTS))}, "
-                                           f"not {kind}")
-        except NumabenchError as e:
-            self._error(envelope, rid, str(e))
+            # NOBLOCK: a client whose queue is at the high-water mark loses this reply; the
+            # daemon never waits for, or buffers beyond, a client that does not read.
+            self.client.send_multipart(envelope + frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the client is gone or not reading: nothing to tell it
+            log.debug("reply dropped: %s", e)
 
-    def _on_infer(self, envelope: list[bytes], rid: Any, head: dict[str, Any],
-                  arrays: dict[str, np.ndarray]) -> None:
-        if self.stopping:
-            self._error(envelope, rid, "the daemon is stopping")
-            return
-        want = head.get("want", "summary")
-        if want not in wire.WANTS:
-            raise NumabenchError(f"want must be one of {', '.join(wire.WANTS)}, got {want!r}")
-        ids, mask = self._inputs(head, arrays)
+    def reject(self, envelope: list[bytes], rid: Any, reason: str, message: str, **extra: Any) -> None:
+        self.rejected[reason] += 1
+        self.reply(envelope, rid, wire.ERROR, {"reason": message, **extra})
+
+    def accepting(self) -> bool:
+        return self.phase is Phase.SERVING
+
+    def submit(self, envelope: list[bytes], rid: Any, want: str, ids: np.ndarray,
+               mask: np.ndarray) -> None:
+        """Route a checked INFER to its pool: queued (then dispatched), busy, or an error."""
         seq = int(ids.shape[1])
         spec = route([p.spec for p in self.pools.values()], seq)
         if spec is None:
             ranges = ", ".join(f"{p.spec.seq_min}-{p.spec.seq_max}" for p in self.pools.values())
-            raise NumabenchError(f"no pool serves {seq} tokens (pools serve {ranges})")
+            raise Rejected("no_pool", f"no pool serves {seq} tokens (pools serve {ranges})")
         pool = self.pools[spec.name]
-        if not self._pool_can_serve(pool):
+        if not self._pool_can_serve(spec.name):
             pool.errors += 1
-            self._count("error", pool.spec.name)
-            raise NumabenchError(f"pool {spec.name} is degraded: none of its instances is working")
-        if len(pool.queue) >= self.opts.queue_size and not self._idle(pool):
-            pool.busy += 1
-            self._count("busy", pool.spec.name)
-            self._reply(envelope, rid, wire.BUSY, {
-                "reason": f"pool {spec.name} is full ({len(pool.queue)} requests waiting)",
+            self.reply(envelope, rid, wire.ERROR, {
+                "reason": f"pool {spec.name} is degraded: none of its instances is working",
                 "pool": spec.name})
             return
-        pool.queue.append(Request(envelope, rid, want, ids, mask, spec.name, time.monotonic_ns()))
-        self._pump(pool)
-
-    def _inputs(self, head: dict[str, Any], arrays: dict[str, np.ndarray]
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Validated (input_ids, attention_mask), int64 (rows, seq), from arrays or texts."""
-        max_rows = self.opts.max_rows
-        cap = self.max_positions
-        texts = head.get("texts")
-        if texts is not None:
-            if arrays:
-                raise NumabenchError("send either texts or input arrays, not both")
-            if (not isinstance(texts, list) or not texts
-                    or not all(isinstance(t, str) and len(t) <= MAX_TEXT_CHARS for t in texts)):
-                raise NumabenchError(f"texts must be a non-empty list of strings of at most "
-                                     f"{MAX_TEXT_CHARS} characters")
-            if len(texts) > max_rows:
-                raise NumabenchError(f"{len(texts)} texts exceed the limit of {max_rows} per request")
-            if self.tokenizer is None:
-                raise NumabenchError(f"model {self.opts.model!r} has no tokenizer; send input_ids")
-            enc = self.tokenizer(texts, padding="longest", truncation=True,
-                                 max_length=cap or 512, return_tensors="np")
-            return (np.asarray(enc["input_ids"], dtype=np.int64),
-                    np.asarray(enc["attention_mask"], dtype=np.int64))
-        extra = sorted(set(arrays) - {"input_ids", "attention_mask"})
-        if extra:
-            raise NumabenchError(f"unexpected arrays {extra}; send input_ids[, attention_mask]")
-        ids = arrays.get("input_ids")
-        if ids is None:
-            raise NumabenchError("INFER needs an input_ids array or texts")
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or 0 in ids.shape:
-            raise NumabenchError(f"input_ids must be a non-empty integer (rows, seq) array, got "
-                                 f"{ids.dtype} {list(ids.shape)}")
-        if ids.shape[0] > max_rows:
-            raise NumabenchError(f"{ids.shape[0]} rows exceed the limit of {max_rows} per request")
-        if cap is not None and ids.shape[1] > cap:
-            raise NumabenchError(f"sequence length {ids.shape[1]} exceeds the model's {cap} positions")
-        lo, hi = int(ids.min()), int(ids.max())
-        vocab = self.vocab_size
-        if lo < 0 or (vocab is not None and hi >= vocab):
-            raise NumabenchError(f"token ids span [{lo}, {hi}], outside the vocabulary "
-                                 f"[0, {vocab if vocab is not None else '?'})")
-        mask = arrays.get("attention_mask")
-        if mask is None:
-            mask = np.ones(ids.shape, dtype=np.int64)
-        else:
-            if mask.ndim == 1:
-                mask = mask[None, :]
-            if mask.shape != ids.shape or mask.dtype.kind not in "iub":
-                raise NumabenchError(f"attention_mask must be integers shaped like input_ids "
-                                     f"{list(ids.shape)}, got {mask.dtype} {list(mask.shape)}")
-        return ids.astype(np.int64), mask.astype(np.int64)
+        r = Request(envelope, rid, want, ids, mask, spec.name, time.monotonic_ns())
+        if not self.sched.offer(r, self._candidates(spec.name)):
+            pool.busy += 1
+            self.reply(envelope, rid, wire.BUSY, {
+                "reason": f"pool {spec.name} is full ({self.sched.queued(spec.name)} requests "
+                          "waiting)", "pool": spec.name})
+            return
+        self._pump(spec.name)
 
     # --- dispatch --------------------------------------------------------------------------
 
-    def _idle(self, pool: Pool) -> list[Instance]:
-        return [self.instances[i] for i in pool.spec.instances
-                if i in self.instances and self.instances[i].state == READY
-                and self.instances[i].inflight is None]
+    def _all(self) -> list[Instance]:
+        return list(self.instances.values()) + self.others
 
-    def _pool_can_serve(self, pool: Pool) -> bool:
-        return any(self.instances[i].state in (STARTING, READY, RESTARTING, PENDING)
-                   for i in pool.spec.instances if i in self.instances)
+    def _members(self, pool: str) -> list[Instance]:
+        return [i for i in self._all() if i.pool == pool]
 
-    def _take(self, pool: Pool) -> list[Request] | None:
-        """The next dispatch's requests, or None to wait for a fuller micro-batch."""
-        max_batch = self.opts.max_batch
-        if max_batch <= 1:
-            return [pool.queue.popleft()]
-        taken, rows, full = [], 0, False
-        for r in pool.queue:
-            if taken and rows + r.rows > max_batch:
-                full = True
-                break
-            taken.append(r)
-            rows += r.rows
-        full = full or rows >= max_batch
-        waited_ns = time.monotonic_ns() - pool.queue[0].arrived_ns
-        if not full and waited_ns < self.opts.max_wait_ms * 1e6 and not self.stopping:
-            return None
-        for _ in taken:
-            pool.queue.popleft()
-        return taken
+    def _candidates(self, pool: str) -> list[Candidate]:
+        return [Candidate(i.id, len(i.inflight), i.served) for i in self._members(pool)
+                if i.state is S.READY]
 
-    def _pump(self, pool: Pool) -> None:
-        while pool.queue:
-            idle = self._idle(pool)
-            if not idle:
-                return
-            batch = self._take(pool)
-            if batch is None:
-                return
-            avoid = {r.avoid for r in batch}
-            preferred = [i for i in idle if i.id not in avoid] or idle
-            iid = least_loaded([(i.id, 0, i.served) for i in preferred])
-            self._send(self.instances[iid], pool, batch)
+    def _pool_can_serve(self, pool: str) -> bool:
+        return any(i.state.will_serve for i in self._members(pool))
 
-    def _send(self, inst: Instance, pool: Pool, batch: list[Request]) -> None:
-        target = pool.spec.pad_to(max(r.seq for r in batch))
+    def _live(self, iid: int) -> Instance | None:
+        """The object whose process holds worker identity `iid` now (an old one being retired
+        keeps it until it exits; its successor starts only then)."""
+        for i in self.others:
+            if i.id == iid and i.state.alive:
+                return i
+        return self.instances.get(iid)
+
+    def _pump(self, pool: str) -> None:
+        if not self.sched.queued(pool):
+            return
+        for iid, batch in self.sched.assign(pool, self._candidates(pool),
+                                            stopping=self.phase is not Phase.SERVING):
+            self._send(self._live(iid), pool, batch)
+
+    def _send(self, inst: Instance, pool: str, batch: list[Request]) -> None:
+        spec = self.pools[pool].spec
+        target = spec.pad_to(max(r.seq for r in batch))
         rows = sum(r.rows for r in batch)
         # Pad with token 0 and attention_mask 0: padded positions are ignored by attention.
         ids = np.zeros((rows, target), dtype=np.int64)
@@ -549,84 +500,83 @@ class Daemon:
             self.coord.send(inst.id, protocol.RUN, {"req": d.req, "want": "outputs"},
                             {"input_ids": ids, "attention_mask": mask})
         except WorkerFailed as e:
-            log.warning("%s", e)
+            log.warning("%s", str(e).splitlines()[0])
             for r in reversed(batch):
-                pool.queue.appendleft(r)
-            # Usually the worker has just died and its exit is not reaped yet: name the real cause.
-            proc = self.group.procs.get(inst.id)
-            try:
-                code = proc.wait(timeout=0.5) if proc is not None else None
-            except subprocess.TimeoutExpired:
-                code = None
+                self.sched.queues[r.pool].appendleft(r)
+            code = self.group.wait(inst.id, 0.5)
             if code is not None:
-                self._on_exit(inst, _describe_exit(inst.id, code))
+                self._on_exit(inst, Exited(inst.id, code).describe())
             else:
                 self._kill(inst, "unreachable")
             return
-        inst.inflight = d
-        self.dispatches[d.req] = d
+        inst.inflight[d.req] = d
 
     # --- worker messages -------------------------------------------------------------------
+
+    def _guarded_worker(self, frames: list[Any]) -> None:
+        try:
+            self._on_worker(frames)
+        except Exception:  # noqa: BLE001 - a worker's odd message must not end the daemon either
+            log.exception("handling a worker message failed")
 
     def _on_worker(self, frames: list[Any]) -> None:
         try:
             iid = int(frames[0].bytes.decode())
             head, arrays = protocol.decode(frames[1:])
-        except (ValueError, UnicodeDecodeError, protocol.ProtocolError) as e:
-            log.warning("malformed message from a worker: %s", e)
+        except Exception as e:  # noqa: BLE001
+            log.warning("malformed message from a worker: %s", short(e))
             return
-        # A retiring instance keeps its identity until it exits; its successor waits (pending).
-        inst = next((r for r in self.retired if r.id == iid and r.state == RETIRING), None)
-        inst = inst or self.instances.get(iid)
+        inst = self._live(iid)
         if inst is None:
             return
         kind = head["type"]
         if kind == protocol.HELLO:
-            inst.pid = head.get("pid", inst.pid)
+            pid = head.get("pid")
+            inst.pid = pid if isinstance(pid, int) else inst.pid
         elif kind == protocol.READY:
-            if inst.state == STARTING:
-                inst.state = READY
+            if inst.state is S.STARTING:
+                inst.state = S.READY
                 inst.ready_once = True
                 info = head.get("model_info") or {}
-                self.vocab_size = info.get("vocab_size") or self.vocab_size
+                vocab = info.get("vocab_size") if isinstance(info, dict) else None
+                self.vocab_size = vocab if isinstance(vocab, int) else self.vocab_size
                 log.info("instance %d ready (pid %s, affinity %s)", iid, head.get("pid"),
                          head.get("affinity"))
                 self._announce_ready()
         elif kind == protocol.RESULT:
-            d = inst.inflight
-            if d is None or head.get("req") != d.req:
-                return
-            self._finish(inst, d)
-            self._complete(inst, d, head, arrays)
+            d = self._take_dispatch(inst, head.get("req"))
+            if d is not None:
+                self._complete(inst, d, head, arrays)
         elif kind == protocol.ERROR:
             if head.get("fatal", True):
-                inst.last_error = str(head.get("message"))[:500]
+                inst.last_error = short(head.get("message"), 500)
                 log.error("instance %d: fatal error: %s", iid, inst.last_error)
                 return  # the worker exits; _check_processes restarts it
-            d = inst.inflight
-            if d is not None and head.get("req") == d.req:
-                self._finish(inst, d)
+            d = self._take_dispatch(inst, head.get("req"))
+            if d is not None:
                 inst.errors += 1
                 for r in d.requests:
-                    self._fail(r, f"instance {iid}: {head.get('message')}")
-        elif kind == protocol.BYE:
-            if inst.state == RETIRING:
-                inst.state = STOPPED
+                    self._fail(r, f"instance {iid}: {short(head.get('message'))}")
 
-    def _finish(self, inst: Instance, d: Dispatch) -> None:
-        inst.inflight = None
-        inst.busy_ns += time.monotonic_ns() - d.sent_ns
-        self.dispatches.pop(d.req, None)
-        if inst.state == RETIRING:
+    def _take_dispatch(self, inst: Instance, req: Any) -> Dispatch | None:
+        d = inst.inflight.pop(req, None) if isinstance(req, int) else None
+        if d is not None and inst.state is S.RETIRING and not inst.inflight:
             self._send_stop(inst)
+        return d
 
     def _complete(self, inst: Instance, d: Dispatch, head: dict[str, Any],
                   arrays: dict[str, np.ndarray]) -> None:
         out = arrays.get("output")
-        if out is None or out.shape[0] != sum(r.rows for r in d.requests):
+        if out is None or out.ndim < 2 or out.shape[0] != sum(r.rows for r in d.requests):
             for r in d.requests:
                 self._fail(r, f"instance {inst.id} sent no usable output")
             return
+        compute_ns = head.get("compute_ns")
+        compute_ns = compute_ns if isinstance(compute_ns, int) else 0
+        start_ns = head.get("start_ns")
+        # Time the request waited in the worker's socket behind the one before it (pipelining).
+        worker_queue_ns = max(0, start_ns - d.sent_ns) if isinstance(start_ns, int) else 0
+        inst.busy_ns += compute_ns
         now = time.monotonic_ns()
         row = 0
         for r in d.requests:
@@ -637,190 +587,214 @@ class Daemon:
             header = {
                 "instance": inst.id, "pool": r.pool, "seq": r.seq, "rows": r.rows,
                 "padded_seq": d.target, "dispatch_rows": int(out.shape[0]),
-                "queue_ns": d.sent_ns - r.arrived_ns, "compute_ns": int(head.get("compute_ns", 0)),
-                "total_ns": now - r.arrived_ns, "retried": r.retried,
+                "queue_ns": d.sent_ns - r.arrived_ns, "worker_queue_ns": worker_queue_ns,
+                "compute_ns": compute_ns, "total_ns": now - r.arrived_ns, "retried": r.retried,
                 "output": {"shape": list(part.shape), "dtype": protocol.dtype_name(part.dtype),
                            "checksum": checksum if math.isfinite(checksum) else None,
                            "abs_sum": abs_sum if math.isfinite(abs_sum) else None},
             }
-            self._reply(r.envelope, r.rid, wire.OK, header,
+            self.reply(r.envelope, r.rid, wire.OK, header,
                         {"output": part} if r.want == "outputs" else None)
             inst.served += 1
             pool = self.pools.get(r.pool)
             if pool is not None:
                 pool.served += 1
-                pool.latencies.append(now - r.arrived_ns)
-            self._count("ok", r.pool, (now - r.arrived_ns) / 1e9)
+                pool.latency.add(now, now - r.arrived_ns, worker_queue_ns)
+            if self.metrics:
+                self.metrics.served(r.pool, (now - r.arrived_ns) / 1e9)
 
     def _fail(self, r: Request, reason: str) -> None:
         pool = self.pools.get(r.pool)
         if pool is not None:
             pool.errors += 1
-        self._count("error", r.pool)
-        self._error(r.envelope, r.rid, reason, pool=r.pool)
-
-    def _count(self, status: str, pool: str, latency_s: float | None = None) -> None:
-        if self.metrics:
-            self.metrics.request(pool, status, latency_s)
+        self.reply(r.envelope, r.rid, wire.ERROR, {"reason": reason, "pool": r.pool})
 
     # --- failures --------------------------------------------------------------------------
 
     def _check_processes(self) -> None:
-        for inst in list(self.instances.values()) + self.retired:
-            if inst.state not in (STARTING, READY, RETIRING):
-                continue
-            proc = self.group.procs.get(inst.id)
-            if proc is not None and proc.poll() is not None:
-                self._on_exit(inst, _describe_exit(inst.id, proc.returncode))
+        for inst in self._all():
+            if inst.state.alive:
+                code = self.group.poll(inst.id)  # reaps it: no zombie
+                if code is not None:
+                    self._on_exit(inst, Exited(inst.id, code).describe())
 
     def _on_exit(self, inst: Instance, how: str) -> None:
         inst.last_exit = how
-        d = inst.inflight
-        inst.inflight = None
-        if d is not None:
-            self.dispatches.pop(d.req, None)
-        if inst.state == RETIRING or self.stopping or any(r is inst for r in self.retired):
-            inst.state = STOPPED
-            if d is not None:
-                for r in d.requests:
-                    self._retry_or_fail(r, inst, how)
-            return
-        now = time.monotonic()
-        inst.deaths.append(now)
-        while inst.deaths and now - inst.deaths[0] > self.opts.restart_window_s:
-            inst.deaths.popleft()
-        n = len(inst.deaths)
-        if n >= self.opts.max_restarts:
-            inst.state = FAILED
-            log.error("instance %d %s; it died %d times in %.0f s: giving up (pool %s degraded)",
-                      inst.id, how, n, self.opts.restart_window_s, inst.pool)
+        dispatches = list(inst.inflight.values())
+        inst.inflight.clear()
+        current = self.instances.get(inst.id) is inst
+        if inst.state is S.RETIRING or not current or self.phase is not Phase.SERVING:
+            inst.state = S.STOPPED
+            log.info("instance %d (pid %s) %s", inst.id, inst.pid, how)
         else:
-            inst.state = RESTARTING
-            backoff = min(self.opts.restart_backoff_s * 2 ** (n - 1), self.opts.restart_backoff_max_s)
-            inst.restart_at = now + backoff
-            log.warning("instance %d %s; restarting in %.1f s (see %s)", inst.id, how, backoff,
-                        self.group.log_path(inst.id))
-        if d is not None:
+            decision = inst.deaths.died(_now_ms())
+            if decision.give_up:
+                inst.state = S.FAILED
+                log.error("instance %d %s; it died %d times in %.0f s: giving up (pool %s degraded)",
+                          inst.id, how, decision.deaths_in_window, self.opts.restart_window_s,
+                          inst.pool)
+            else:
+                inst.state = S.RESTARTING
+                inst.restart_at_ms = decision.restart_at_ms
+                log.warning("instance %d %s; restarting in %.1f s (see %s)", inst.id, how,
+                            (decision.restart_at_ms - _now_ms()) / 1000, self.group.log_path(inst.id))
+        for d in dispatches:
             for r in d.requests:
                 self._retry_or_fail(r, inst, how)
-        pool = self.pools.get(inst.pool)
-        if pool is not None and not self._pool_can_serve(pool):
-            while pool.queue:
-                self._fail(pool.queue.popleft(), f"pool {pool.spec.name} is degraded: none of its "
-                                                 "instances is working")
+        if not self._pool_can_serve(inst.pool) and inst.pool in self.sched.queues:
+            for r in list(self.sched.queues[inst.pool]):
+                self._fail(r, f"pool {inst.pool} is degraded: none of its instances is working")
+            self.sched.queues[inst.pool].clear()
 
     def _retry_or_fail(self, r: Request, inst: Instance, how: str) -> None:
-        pool = self.pools.get(r.pool)
-        others = pool is not None and any(
-            i != inst.id and i in self.instances and self.instances[i].state in (STARTING, READY)
-            for i in pool.spec.instances)
-        if pool is not None and not r.retried and others and not self.stopping:
+        others = any(i is not inst and i.state in (S.STARTING, S.READY) for i in self._members(r.pool))
+        if not r.retried and others and r.pool in self.sched.queues and self.phase is not Phase.CLOSING:
             r.retried, r.avoid = True, inst.id
-            pool.queue.appendleft(r)
+            self.sched.requeue(r)
         else:
             self._fail(r, f"instance {inst.id} {how} while serving this request")
 
     def _kill(self, inst: Instance, why: str) -> None:
         log.warning("instance %d: %s; killing it", inst.id, why)
-        proc = self.group.procs.get(inst.id)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc is not None and proc.poll() is not None:
+        code = self.group.kill(inst.id)
+        if code is not None:
             self._on_exit(inst, f"was killed ({why})")
 
     def _check_timers(self, now: float) -> None:
         timeout_ns = int(self.opts.request_timeout_s * 1e9)
         mono = time.monotonic_ns()
-        for inst in list(self.instances.values()):
-            if inst.state == RESTARTING and now >= inst.restart_at and not self.stopping:
+        for inst in self._all():
+            if inst.state is S.RESTARTING and _now_ms() >= inst.restart_at_ms \
+                    and self.phase is Phase.SERVING and self.instances.get(inst.id) is inst:
                 inst.restarts += 1
                 self._spawn(inst)
-            elif inst.state == STARTING and now - inst.started_at > self.opts.ready_timeout_s:
+            elif inst.state is S.RETIRING and inst.stop_sent_at is not None \
+                    and now - inst.stop_sent_at > self.opts.grace_s:
+                self._kill(inst, f"still running {self.opts.grace_s:.0f} s after STOP")
+            elif inst.state is S.STARTING and now - inst.started_at > self.opts.ready_timeout_s:
                 self._kill(inst, f"not ready after {self.opts.ready_timeout_s:.0f} s")
-            elif inst.inflight is not None and mono - inst.inflight.sent_ns > timeout_ns:
+            elif inst.inflight and mono - next(iter(inst.inflight.values())).sent_ns > timeout_ns:
                 self._kill(inst, f"no reply within {self.opts.request_timeout_s:.0f} s")
-        for pool in self.pools.values():
-            while pool.queue and mono - pool.queue[0].arrived_ns > timeout_ns:
-                self._fail(pool.queue.popleft(), f"not served within {self.opts.request_timeout_s:.0f} "
-                                                 "s (the pool's instances are not ready)")
-        if self.pending_starts and not any(r.state == RETIRING for r in self.retired):
-            for inst in self.pending_starts:
-                self._spawn(inst)
-            self.pending_starts = []
+        for r in self.sched.expired(timeout_ns):
+            ready = len(self._candidates(r.pool))
+            self._fail(r, f"not served within {self.opts.request_timeout_s:.0f} s: it waited in "
+                          f"pool {r.pool}'s queue ({ready} instances ready)")
 
     def _announce_ready(self) -> None:
-        if not self._announced_ready and all(i.state == READY for i in self.instances.values()):
+        if not self._announced_ready and all(i.state is S.READY for i in self.instances.values()):
             self._announced_ready = True
             log.info("all %d instances ready; serving on %s", len(self.instances), self.endpoint)
 
     # --- reload ----------------------------------------------------------------------------
 
-    def _reload(self, plan_path: Any) -> dict[str, Any]:
-        from numabench.plans import load_plan, validate_plan
+    def _read_plan(self, path: str) -> Plan:
+        """The plan at `path`, read only if it is a regular file of this daemon's user: RELOAD
+        never opens what its owner could not (the only clients are the owner's)."""
+        from numabench.plans import load_plan
+
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise Rejected("reload", f"cannot read plan {path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejected("reload", f"plan {path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise Rejected("reload", f"plan {path} belongs to another user; reload reads only "
+                                     "the daemon owner's files")
+        if st.st_size > MAX_PLAN_BYTES:
+            raise Rejected("reload", f"plan {path} is {st.st_size} bytes; a plan is at most "
+                                     f"{MAX_PLAN_BYTES}")
+        return load_plan(Path(path))
+
+    def reload(self, plan_path: Any) -> dict[str, Any]:
+        from numabench.plans import validate_plan
 
         path = plan_path or self.plan_file
-        if not isinstance(path, str) or not path:
-            raise NumabenchError("reload needs a plan file: this daemon was started without "
-                                 "--plan; give one")
-        if self.stopping:
-            raise NumabenchError("the daemon is stopping")
-        if self.pending_starts or any(r.state == RETIRING for r in self.retired):
-            raise NumabenchError("a reload is still in progress; try again when it is done")
-        plan = load_plan(Path(path))
+        if not isinstance(path, str) or not path or not os.path.isabs(path):
+            raise Rejected("reload", "reload needs an absolute plan path: this daemon was started "
+                                     "without --plan, or the path is relative")
+        if self.phase is not Phase.SERVING:
+            raise Rejected("stopping", "the daemon is stopping")
+        if self.rollout is not None:
+            raise Rejected("reload", "a reload is still in progress; try again when it is done")
+        plan = self._read_plan(path)
         if self.machine is not None:
             validate_plan(plan, self.machine)
         specs = build_pools(plan, self.max_positions, self.opts.pad)
         fresh = self._build(plan, specs)
-        kept, stopped, started = [], [], []
-        for iid, inst in list(self.instances.items()):
-            new = fresh.get(iid)
-            if new is not None and new.config == inst.config and inst.state != FAILED:
-                inst.pool = new.pool
-                fresh[iid] = inst
-                kept.append(iid)
-                continue
-            stopped.append(iid)
-            if inst.state in (STARTING, READY):
-                inst.state = RETIRING
-                self.retired.append(inst)
-                if inst.inflight is None:
-                    self._send_stop(inst)
-            else:
-                inst.state = STOPPED
-        for iid, inst in fresh.items():
-            if iid not in kept:
-                inst.state = PENDING
-                self.pending_starts.append(inst)
-                started.append(iid)
+        change = diff({i: x.config for i, x in self.instances.items()},
+                      {i: x.config for i, x in fresh.items()},
+                      failed=frozenset(i for i, x in self.instances.items() if x.state is S.FAILED))
+        old = {iid: self.instances[iid] for iid in change.replaced + change.removed}
+        for iid in change.kept:
+            self.instances[iid].pool = fresh[iid].pool
+            fresh[iid] = self.instances[iid]
+        for iid in change.replaced:  # counts carry over: a reload does not reset them
+            src, dst = self.instances[iid], fresh[iid]
+            dst.served, dst.errors, dst.restarts = src.served, src.errors, src.restarts
+            dst.busy_ns, dst.ready_once = src.busy_ns, src.ready_once
+        self.others.extend(old.values())
         self.instances = fresh
-        old_pools = self.pools
-        self.pools = {s.name: old_pools.get(s.name, Pool(s)) for s in specs}
+        self.pools = {s.name: self.pools.get(s.name) or Pool(s) for s in specs}
         for s in specs:
             self.pools[s.name].spec = s
-        # Requests still waiting go to the new pool of their length (or get an error).
-        for pool in old_pools.values():
-            while pool.queue:
-                r = pool.queue.popleft()
-                spec = route(specs, r.seq)
-                if spec is None:
-                    self._fail(r, f"no pool serves {r.seq} tokens after the reload")
-                else:
-                    r.pool = spec.name
-                    self.pools[spec.name].queue.append(r)
+        # Requests waiting in a pool that is gone move to the new pool of their length.
+        for r in self.sched.set_pools(self.pools):
+            spec = route(specs, r.seq)
+            if spec is None:
+                self._fail(r, f"no pool serves {r.seq} tokens after the reload")
+            else:
+                r.pool = spec.name
+                self.sched.queues[spec.name].append(r)
+        for iid in change.added:
+            self._spawn(self.instances[iid])
+        self.rollout = Rollout(change, deque(change.replaced), old)
         self.plan, self.plan_file = plan, path
         self._announced_ready = False
-        log.info("reloaded %s: kept %s, stopping %s, starting %s", path, kept, stopped, started)
-        return {"plan": path, "kept": kept, "stopped": stopped, "started": started,
+        log.info("reloading %s: kept %s, replacing %s one at a time, adding %s, removing %s",
+                 path, list(change.kept), list(change.replaced), list(change.added),
+                 list(change.removed))
+        self._advance_rollout()
+        return {"plan": path, "kept": list(change.kept), "stopped": list(change.stopped),
+                "started": list(change.started), "replaced": list(change.replaced),
                 "pools": list(self.pools)}
 
+    def _advance_rollout(self) -> None:
+        """Carry out the rollout's next step (reload.next_step decides it)."""
+        ro = self.rollout
+        if ro is None:
+            return
+        view = RolloutView(
+            starting=frozenset(i for i, x in self.instances.items() if x.state is S.STARTING),
+            pending=frozenset(i for i, x in self.instances.items() if x.state is S.PENDING),
+            old_alive=frozenset(i for i, x in ro.old.items() if x.state.alive))
+        step = next_step(ro.diff, ro.current, tuple(ro.replace), view)
+        if step.action == START:
+            old, new = ro.old[step.instance], self.instances[step.instance]
+            new.served, new.errors, new.busy_ns = old.served, old.errors, old.busy_ns
+            self._spawn(new)
+        elif step.action == RETIRE:
+            ro.current = ro.replace.popleft()
+            self._retire(ro.old[ro.current])
+            self._advance_rollout()  # an old instance that was not running: its successor starts now
+        elif step.action == RETIRE_REMOVED:
+            for iid in ro.diff.removed:
+                self._retire(ro.old[iid])
+        elif step.action == DONE:
+            self.others = [i for i in self.others if i.state.alive]
+            self.rollout = None
+            log.info("reload done: %d instances in %d pools", len(self.instances), len(self.pools))
+
+    def _retire(self, inst: Instance) -> None:
+        if inst.state in (S.STARTING, S.READY):
+            inst.state = S.RETIRING
+            if not inst.inflight:
+                self._send_stop(inst)
+        elif not inst.state.alive:
+            inst.state = S.STOPPED
+
     def _send_stop(self, inst: Instance) -> None:
+        inst.stop_sent_at = time.monotonic()
         try:
             self.coord.send(inst.id, protocol.STOP)
         except WorkerFailed:
@@ -828,50 +802,65 @@ class Daemon:
 
     # --- stop ------------------------------------------------------------------------------
 
-    def _begin_stop(self) -> None:
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + self.opts.drain_timeout_s
+    def begin_stop(self, why: str) -> None:
+        if self.phase is not Phase.SERVING:
+            return
+        log.info("%s: draining, then stopping", why)
+        self.phase = Phase.DRAINING
+        self.deadline = time.monotonic() + self.opts.drain_timeout_s
 
     def _check_drained(self) -> None:
+        busy = any(i.inflight for i in self._all())
         # Waiting requests of a pool with nothing ready to serve them will not be served.
-        busy = any(i.inflight for i in list(self.instances.values()) + self.retired)
-        waiting = any(pool.queue and any(
-            self.instances[i].state in (STARTING, READY) for i in pool.spec.instances
-            if i in self.instances) for pool in self.pools.values())
-        if (busy or waiting) and time.monotonic() < self.stop_deadline:
+        waiting = any(self.sched.queued(p) and any(i.state in (S.STARTING, S.READY)
+                                                   for i in self._members(p)) for p in self.pools)
+        if (busy or waiting) and time.monotonic() < self.deadline:
             return
-        for pool in self.pools.values():
-            while pool.queue:
-                self._fail(pool.queue.popleft(), "the daemon stopped before serving this request")
-        for inst in list(self.instances.values()) + self.retired:
-            if inst.inflight is not None:
-                for r in inst.inflight.requests:
+        for r in self.sched.drain():
+            self._fail(r, "the daemon stopped before serving this request")
+        for inst in self._all():
+            for d in inst.inflight.values():
+                for r in d.requests:
                     self._fail(r, "the daemon stopped before this request finished")
-                inst.inflight = None
-        self.done = True
+            inst.inflight.clear()
+        # Ask the workers to finish; the loop goes on answering clients while they do.
+        self.phase = Phase.CLOSING
+        self.deadline = time.monotonic() + self.opts.grace_s
+        for iid in self.group.alive():
+            inst = self._live(iid)
+            if inst is not None:
+                self._send_stop(inst)
+
+    def _check_closed(self) -> None:
+        if self.group.alive() and time.monotonic() < self.deadline:
+            return
+        self.group.stop(grace_s=1.0)  # SIGTERM, then SIGKILL whatever is left; reaps all
+        self.phase = Phase.DONE
 
     def _close(self) -> None:
-        """Stop every worker (STOP, then signals), answer STOP callers, release everything."""
-        group = getattr(self, "group", None)
-        coord = getattr(self, "coord", None)
+        """Stop every worker, answer STOP callers and whatever else came in, release everything."""
         try:
-            if coord is not None and group is not None:
-                live = [i for i in group.alive()]
-                coord.stop_workers(live, timeout_s=self.opts.grace_s)
-                group.wait_all(self.opts.grace_s)
+            if self.group is not None:
+                self.group.stop(self.opts.grace_s if self.phase is not Phase.DONE else 0.5)
         finally:
-            if group is not None:
-                group.stop(self.opts.grace_s)
-            for envelope, rid in self.stop_waiters:
-                self._reply(envelope, rid, wire.OK, {"stopped": True, "pid": os.getpid()})
             if self.metrics:
                 self.metrics.close()
+            if self.client is not None:
+                self._answer_stragglers()
+                for envelope, rid in self.stop_waiters:
+                    self.reply(envelope, rid, wire.OK, {"stopped": True, "pid": os.getpid()})
             if self.state_file is not None:
                 endpoints.remove_state(os.getpid(), self.state_file)
-            if getattr(self, "client", None) is not None:
+            if self.client is not None:
                 self.client.close(linger=1000)
-            if coord is not None:
-                coord.close()
+            if self.authenticator is not None:
+                self.authenticator.stop()
+            if self.ctx is not None:
+                self.ctx.term()
+            if self.coord is not None:
+                self.coord.close()
+            if self.worker_dir is not None:
+                shutil.rmtree(self.worker_dir, ignore_errors=True)
             if self.endpoint.startswith("ipc://"):
                 try:
                     os.unlink(self.endpoint[len("ipc://"):])
@@ -879,63 +868,96 @@ class Daemon:
                     pass
             log.info("stopped; no worker left")
 
+    def _answer_stragglers(self) -> None:
+        """Messages still queued at the very end: STOP joins the waiters, the rest get
+        "stopping". (Not unbinding first: that would cut the connections the replies need.)"""
+        while True:
+            got = self._recv_client()
+            if got is None:
+                return
+            envelope, body = commands.split_envelope(got[0])
+            try:
+                head, _ = wire.decode(body)
+                rid = commands.request_id(head.get("id"))
+                kind = head["type"]
+            except Exception:  # noqa: BLE001
+                rid, kind = None, None
+            if kind == wire.STOP:
+                self.stop_waiters.append((envelope, rid))
+            else:
+                self.reject(envelope, rid, "stopping", "the daemon is stopping")
+
     # --- status ----------------------------------------------------------------------------
 
-    def _state(self) -> str:
-        if self.stopping:
+    def state(self) -> str:
+        if self.phase is not Phase.SERVING:
             return "stopping"
-        if self.instances and all(i.state == READY for i in self.instances.values()):
+        if self.rollout is not None:
+            return "reloading"
+        if self.instances and all(i.state is S.READY for i in self.instances.values()):
             return "serving"
-        return "starting" if not any(i.ready_once for i in self.instances.values()) else "degraded"
+        return "starting" if not any(i.ready_once for i in self._all()) else "degraded"
 
-    def _degraded(self, pool: Pool) -> bool:
-        now = time.monotonic()
-        for iid in pool.spec.instances:
-            inst = self.instances.get(iid)
-            if inst is None:
-                continue
-            recent = sum(1 for t in inst.deaths if now - t <= self.opts.restart_window_s)
-            if inst.state == FAILED or recent >= self.opts.degraded_after:
-                return True
-        return False
+    def _degraded(self, pool: str, now_ms: int) -> bool:
+        return any(i.state is S.FAILED or i.deaths.degraded(now_ms) for i in self._members(pool)
+                   if i.state is not S.STOPPED)
+
+    def _shown(self) -> list[Instance]:
+        """One object per id: the one whose process runs (an old one until its successor
+        starts), then the current plan's."""
+        shown = {i.id: i for i in self.instances.values()}
+        for i in self.others:
+            if i.state.alive or i.id not in shown:
+                shown[i.id] = i
+        return [shown[k] for k in sorted(shown)]
+
+    def snapshot(self, latency: bool = True) -> DaemonStatus:
+        """The public status facts (metrics read these; latency=False skips the percentiles)."""
+        now_ns, now_ms = time.monotonic_ns(), _now_ms()
+        pools = tuple(PoolStatus(
+            name=name, seq_min=p.spec.seq_min, seq_max=p.spec.seq_max, shapes=p.spec.shapes,
+            instances=p.spec.instances, queued=self.sched.queued(name),
+            queue_limit=self.opts.queue_size, served=p.served, busy=p.busy, errors=p.errors,
+            degraded=self._degraded(name, now_ms),
+            ready=sum(1 for i in self._members(name) if i.state is S.READY),
+            latency_ms=p.latency.summary(now_ns) if latency else {})
+            for name, p in self.pools.items())
+        instances = tuple(InstanceStatus(
+            id=i.id, pool=i.pool, state=i.state.value, pid=i.pid, cpus=tuple(i.plan.cpus),
+            memory_nodes=tuple(i.plan.memory_nodes), threads=i.plan.threads, load=len(i.inflight),
+            served=i.served, errors=i.errors, restarts=i.restarts, busy_s=round(i.busy_ns / 1e9, 3),
+            last_exit=i.last_exit, last_error=i.last_error) for i in self._shown())
+        o = self.opts
+        return DaemonStatus(
+            pid=os.getpid(), endpoint=self.endpoint, state=self.state(),
+            started=self.started.isoformat(timespec="seconds"),
+            uptime_s=round(time.monotonic() - self.started_mono, 1),
+            plan={"file": self.plan_file, "name": self.plan.name}, model=o.model, backend=o.backend,
+            precision=o.precision,
+            options={"queue_size": o.queue_size, "max_batch": o.max_batch, "inflight": o.inflight,
+                     "max_wait_ms": o.max_wait_ms, "pad": o.pad, "max_rows": o.max_rows,
+                     "max_request_bytes": o.max_request_bytes, "send_hwm": o.send_hwm},
+            run_dir=str(self.run_dir), metrics_port=self.metrics.port if self.metrics else None,
+            auth="curve" if self.endpoint.startswith("tcp://") else "ipc-0600",
+            loop_cpus=self.loop_cpus, replies=dict(self.replies), rejected=dict(self.rejected),
+            pools=pools, instances=instances)
 
     def status(self) -> dict[str, Any]:
-        pools = []
-        for pool in self.pools.values():
-            lat = sorted(pool.latencies)
-            pct = {f"p{q}": (round(percentile(lat, q) / 1e6, 3) if len(lat) >= n and lat else None)
-                   for q, n in PERCENTILE_MIN_SAMPLES.items()}
-            pools.append({
-                "name": pool.spec.name, "seq_min": pool.spec.seq_min, "seq_max": pool.spec.seq_max,
-                "shapes": list(pool.spec.shapes), "instances": list(pool.spec.instances),
-                "queued": len(pool.queue), "queue_limit": self.opts.queue_size,
-                "served": pool.served, "busy": pool.busy, "errors": pool.errors,
-                "degraded": self._degraded(pool),
-                "latency_ms": {"count": len(lat), **pct},
-            })
-        instances = []
-        for inst in sorted(self.instances.values(), key=lambda i: i.id):
-            instances.append({
-                "id": inst.id, "pool": inst.pool, "state": inst.state, "pid": inst.pid,
-                "cpus": list(inst.plan.cpus), "memory_nodes": list(inst.plan.memory_nodes),
-                "threads": inst.plan.threads, "load": 1 if inst.inflight else 0,
-                "served": inst.served, "errors": inst.errors, "restarts": inst.restarts,
-                "busy_s": round(inst.busy_ns / 1e9, 3), "last_exit": inst.last_exit,
-                "last_error": inst.last_error,
-            })
-        o = self.opts
-        return {
-            "pid": os.getpid(), "endpoint": self.endpoint, "state": self._state(),
-            "started": self.started.isoformat(timespec="seconds"),
-            "uptime_s": round(time.monotonic() - self.started_mono, 1),
-            "plan": {"file": self.plan_file, "name": self.plan.name},
-            "model": o.model, "backend": o.backend, "precision": o.precision,
-            "options": {"queue_size": o.queue_size, "max_batch": o.max_batch,
-                        "max_wait_ms": o.max_wait_ms, "pad": o.pad, "max_rows": o.max_rows},
-            "run_dir": str(self.run_dir),
-            "metrics_port": self.metrics.port if self.metrics else None,
-            "pools": pools, "instances": instances,
-        }
+        return self.snapshot().to_doc()
+
+
+def _answers(endpoint: Any) -> bool:
+    """A daemon answers PING on `endpoint` (a stale state file's may not)."""
+    if not isinstance(endpoint, str):
+        return False
+    from numabench.daemon.client import Client
+
+    try:
+        with Client(endpoint, timeout_s=2.0) as c:
+            c.ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not a daemon we can reach
+        return False
 
 
 def _main_thread() -> bool:

@@ -30,17 +30,23 @@ class WorkerFailed(LaunchError):
 
 
 class Coordinator:
-    def __init__(self, group: ProcessGroup, transport: str = "ipc", host: str = "127.0.0.1"):
+    def __init__(self, group: ProcessGroup, transport: str = "ipc", host: str = "127.0.0.1",
+                 ipc_dir: str | None = None, handover: bool = False):
+        """`ipc_dir`: where the private socket folder goes (default the temp folder);
+        `handover`: a restarted worker (same identity) takes its predecessor's place (serve)."""
         self.group = group
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # Unroutable sends raise instead of vanishing: a message to a dead worker is an error.
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if handover:
+            self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._tmp = None
         if transport == "ipc":
             # A private folder (0700) so no other user can connect to the socket.
-            self._tmp = tempfile.mkdtemp(prefix="numabench-")
+            self._tmp = (tempfile.mkdtemp(prefix="c", dir=ipc_dir) if ipc_dir
+                         else tempfile.mkdtemp(prefix="numabench-"))
             self.endpoint = f"ipc://{self._tmp}/coord.sock"
             self.sock.bind(self.endpoint)
         elif transport == "tcp":
@@ -51,6 +57,11 @@ class Coordinator:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_alive_check = 0.0
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The ROUTER socket, for callers that poll it in their own loop (serve)."""
+        return self.sock
 
     def close(self) -> None:
         self.sock.close(0)

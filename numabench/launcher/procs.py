@@ -66,6 +66,34 @@ class ProcessGroup:
         except OSError:
             return "(no log)"
 
+    def pid(self, instance: int) -> int | None:
+        proc = self.procs.get(instance)
+        return None if proc is None else proc.pid
+
+    def poll(self, instance: int) -> int | None:
+        """The instance's exit code once it has ended (and is reaped), else None."""
+        proc = self.procs.get(instance)
+        return None if proc is None else proc.poll()
+
+    def wait(self, instance: int, timeout_s: float) -> int | None:
+        """Wait up to timeout_s for the instance to end; its exit code, or None if it runs on."""
+        proc = self.procs.get(instance)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, instance: int, timeout_s: float = 5.0) -> int | None:
+        """SIGKILL the instance's process group (a frozen worker too) and reap it; its exit code."""
+        proc = self.procs.get(instance)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGKILL)
+        return self.wait(instance, timeout_s)
+
     def alive(self) -> list[int]:
         return [i for i, p in self.procs.items() if p.poll() is None]
 

@@ -346,48 +346,31 @@ class Worker:
         return self._protocol.encode(self._protocol.RESULT, header, out_arrays)
 
     def _inputs(self, head: Mapping[str, Any], arrays: Mapping[str, Any]) -> dict[str, Any]:
-        import numpy as np
+        from numabench.workers import requests
 
         texts = head.get("texts")
-        if texts is not None:
-            if arrays:
-                raise RequestError("send either texts or input arrays, not both")
-            return self._tokenize(texts, head.get("seq"))
-        extra = sorted(set(arrays) - set(INPUT_ARRAYS))
-        if extra:
-            raise RequestError(f"unexpected arrays {extra}; a RUN carries {', '.join(INPUT_ARRAYS)}")
-        ids = arrays.get("input_ids")
-        if ids is None:
-            raise RequestError("RUN needs an input_ids array or texts")
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or 0 in ids.shape:
-            raise RequestError(
-                f"input_ids must be a non-empty integer (batch, seq) array, got {ids.dtype} {list(ids.shape)}")
-        self._check_seq(ids.shape[1])
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise RequestError(f"token ids span [{lo}, {hi}], outside the vocabulary [0, {self.vocab_size})")
-        mask = arrays.get("attention_mask")
-        if mask is not None and mask.shape != ids.shape:
-            raise RequestError(f"attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}")
-        inputs = {"input_ids": ids.astype(np.int64, copy=False)}
-        if mask is not None:
-            inputs["attention_mask"] = mask.astype(np.int64, copy=False)
-        return inputs
+        try:
+            if texts is not None:
+                if arrays:
+                    raise RequestError("send either texts or input arrays, not both")
+                return self._tokenize(texts, head.get("seq"))
+            ids, mask = requests.check_arrays(arrays, vocab_size=self.vocab_size,
+                                              max_positions=self.max_positions)
+        except requests.RequestError as e:
+            raise RequestError(str(e)) from None
+        return {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
 
     def _tokenize(self, texts: Any, seq: Any) -> dict[str, Any]:
-        import numpy as np
+        from numabench.workers import requests
 
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise RequestError("texts must be a non-empty list of strings")
+        requests.check_texts(texts)
         if not _is_int(seq) or seq <= 0:
             raise RequestError(f"texts need seq, a positive integer, got {seq!r}")
         if self.tokenizer is None:
             raise RequestError(f"model {self.config.model!r} has no tokenizer; send input_ids instead")
-        self._check_seq(seq)
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
-                             return_tensors="np")
-        return {"input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
-                "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64)}
+        requests.check_seq(seq, self.max_positions)
+        ids, mask = requests.tokenize(self.tokenizer, texts, max_length=seq, padding="max_length")
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 # ---- entry point ----
