@@ -200,6 +200,12 @@ def plan_validate(ctx, plan_file, root):
 # ---- launch ---------------------------------------------------------------------------------
 # (section owned by the launcher part)
 
+# Shared by launch and sweep: how the measuring loop feeds the workers.
+inflight_option = click.option(
+    "--inflight", type=click.IntRange(min=1), default=2, show_default=True,
+    help="throughput mode: requests outstanding per instance (credits), so each worker finds its "
+         "next input waiting and computes back to back; 1 = one round trip between requests.")
+
 
 @cli.command("launch")
 @click.option("--instances", "-n", type=int, help="Number of instances (default: 1, or the plan's).")
@@ -235,6 +241,7 @@ def plan_validate(ctx, plan_file, root):
               help="onnxruntime: graph optimization level (default all).")
 @binder_option
 @allocator_option
+@inflight_option
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for logs and results (default runs/<time>-<pid>).")
@@ -244,7 +251,7 @@ def plan_validate(ctx, plan_file, root):
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, run_dir, output, as_json, cache_dir,
-               ort_opt_level):
+               ort_opt_level, inflight):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -275,7 +282,7 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
     workload = Workload(model=model, backend=backend, precision=precision, seq=seq, mode=mode,
                         iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
                         text_file=text_file, backend_options=options)
-    opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport,
+    opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport, inflight=inflight,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None)
 
@@ -461,8 +468,9 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @click.option("--dry-run", is_flag=True, help="Validate every point against this machine and list them; run nothing.")
 @binder_option
 @allocator_option
+@inflight_option
 @user_errors
-def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
+def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, inflight):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
@@ -483,7 +491,7 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator):
             click.echo(f"{k + 1:>4}  {p.id}  ({len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs)")
         return
     outcome = run_sweep(machine, experiment, output, resume=resume,
-                        launch_opts=LaunchOptions(binder=binder, allocator=allocator))
+                        launch_opts=LaunchOptions(binder=binder, allocator=allocator, inflight=inflight))
     click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
                f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
 

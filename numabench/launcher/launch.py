@@ -13,18 +13,16 @@ import platform
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
+from numabench.launcher.measure import DEFAULT_INFLIGHT, Limits, Measurement, make_payloads, measure
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
 from numabench.plans.model import Plan
@@ -41,7 +39,6 @@ from numabench.topology.model import Machine
 from numabench.workers import protocol
 
 MODES = ("split", "throughput")
-DEFAULT_ITERATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -75,6 +72,7 @@ class LaunchOptions:
     grace_s: float = 5.0
     progress: bool | None = None  # None: only when stderr is a terminal
     path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
+    inflight: int = DEFAULT_INFLIGHT  # throughput mode: requests outstanding per instance
 
 
 class RunInterrupted(LaunchError):
@@ -137,13 +135,17 @@ class _Run:
         self.machine, self.plan, self.workload, self.opts = machine, plan, workload, opts
         self.run_dir = Path(opts.run_dir or default_run_dir())
         self.progress = Progress(opts.progress)
-        self.samples: list[Sample] = []
+        self.measured = Measurement()  # filled as replies arrive: a failed run keeps its part
+        self.samples: list[Sample] = self.measured.samples
         self.ready: dict[int, dict[str, Any]] = {}
         self.warnings: list[str] = []
         self.env_info: dict[str, Any] = {}
         self.prepared: Any = None  # backends.Preparation, when the backend prepares (onnxruntime)
-        self.window_start_ns: int | None = None
         self.started = _dt.datetime.now(_dt.timezone.utc)
+
+    @property
+    def window_start_ns(self) -> int | None:
+        return self.measured.window_start_ns
 
     def log(self, message: str) -> None:
         """Append an event to run_dir/launch.log: the run's own story, for users and tests."""
@@ -198,6 +200,7 @@ class _Run:
             "allocator": self.opts.allocator, "preload": preload,
             "variables_set": {str(k): v for k, v in applied_env.items()},
             "transport": self.opts.transport, "governors": governors,
+            "inflight": self.opts.inflight if w.mode == "throughput" else 1,
             "python": platform.python_version(), "numabench": __version__,
             "hostname": socket.gethostname(), "kernel": platform.release(),
         }
@@ -227,84 +230,19 @@ class _Run:
 
     # --- measure -------------------------------------------------------------------------
 
-    def inputs(self) -> dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]]:
-        """Per-instance request payloads: random ids from a fixed seed, or real text."""
-        out = {}
-        texts = read_texts(self.workload.text_file) if self.workload.text_file else None
-        for inst in self.plan.instances:
-            if texts:
-                chunk = [texts[(inst.id * inst.batch + k) % len(texts)] for k in range(inst.batch)]
-                out[inst.id] = ({"texts": chunk, "seq": self.workload.seq}, {})
-                continue
-            vocab = int(self.ready[inst.id].get("model_info", {}).get("vocab_size") or 1000)
-            rng = np.random.default_rng(self.workload.seed + inst.id)
-            ids = rng.integers(0, vocab, size=(inst.batch, self.workload.seq), dtype=np.int64)
-            # No attention_mask: random ids have no padding, and a worker reads a missing mask
-            # as all ones; one frame less per request.
-            out[inst.id] = ({}, protocol.prepare_arrays({"input_ids": ids}))
-        return out
-
-    def _limit(self) -> tuple[int | None, int | None]:
-        """(iteration count, deadline ns): iterations default when neither is given."""
-        w = self.workload
-        if w.duration_s is not None:
-            return None, time.monotonic_ns() + int(w.duration_s * 1e9)
-        return (w.iterations or DEFAULT_ITERATIONS), None
-
     def measure(self, coord: Coordinator) -> None:
-        payloads = self.inputs()
-        ids = frozenset(payloads)
-        count, deadline = self._limit()
-        pending: dict[int, tuple[int, int, int, int]] = {}  # req -> (instance, step, batch, sent)
-        batch_of = {i.id: i.batch for i in self.plan.instances}
-        req = 0
-
-        def send(iid: int, step: int) -> None:
-            nonlocal req
-            req += 1
-            head, arrays = payloads[iid]
-            sent = time.monotonic_ns()
-            coord.send(iid, protocol.RUN, {"req": req, "want": "shape", **head}, arrays)
-            pending[req] = (iid, step, batch_of[iid], sent)
-
-        def collect() -> int:
-            iid, head, _ = coord.recv(self.opts.request_timeout_s, watching=ids, what="a RESULT")
-            received = time.monotonic_ns()
-            if head["type"] == protocol.ERROR:
-                raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
-            if head["type"] != protocol.RESULT or head.get("req") not in pending:
-                raise LaunchError(f"instance {iid} sent an unexpected {head['type']} message")
-            inst, step, batch, sent = pending.pop(head["req"])
-            self.samples.append(Sample(inst, step, batch, sent, received, int(head["compute_ns"]),
-                                       int(head["start_ns"])))
-            return inst
-
-        def more(done: int) -> bool:
-            return done < count if count is not None else time.monotonic_ns() < deadline
-
-        self.log(f"measuring ({self.workload.mode} mode)")
-        self.window_start_ns = time.monotonic_ns()
-        if self.workload.mode == "split":
-            step = 0
-            while more(step):
-                for iid in sorted(ids):
-                    send(iid, step)
-                while pending:
-                    collect()
-                step += 1
-                self.progress.update(f"measuring: step {step}" + (f"/{count}" if count else ""))
-        else:
-            done = {iid: 0 for iid in ids}
-            for iid in sorted(ids):
-                send(iid, 0)
-            while pending:
-                iid = collect()
-                done[iid] += 1
-                if more(done[iid]):
-                    send(iid, done[iid])
-                if self.progress.enabled:  # the hot path: no formatting when nobody sees it
-                    self.progress.update(f"measuring: {sum(done.values())} requests")
-        self.progress.done()
+        w, inflight = self.workload, self.opts.inflight
+        vocab = {i: int(r.get("model_info", {}).get("vocab_size") or 1000) for i, r in self.ready.items()}
+        payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab,
+                                 read_texts(w.text_file) if w.text_file else None)
+        self.log(f"measuring ({w.mode} mode, {inflight} in flight per instance)"
+                 if w.mode == "throughput" else f"measuring ({w.mode} mode)")
+        try:
+            measure(coord, {i.id: i.batch for i in self.plan.instances}, payloads, w.mode,
+                    Limits(w.iterations, w.duration_s, inflight, self.opts.request_timeout_s),
+                    self.measured, self.progress.update if self.progress.enabled else None)
+        finally:
+            self.progress.done()
 
     # --- record --------------------------------------------------------------------------
 
@@ -337,7 +275,10 @@ class _Run:
                             "got": {k: v for k, v in self.ready.get(i.id, {}).items()
                                     if k not in ("type", "v", "arrays")}}
                 for i in self.plan.instances},
-            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(self.samples)},
+            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(self.samples),
+                    # requests sent and never answered (a failed or interrupted run)
+                    "unanswered": {k: [getattr(p, k) for p in self.measured.unanswered()]
+                                   for k in ("instance", "step", "batch", "sent_ns")}},
             "summary": summary_to_dict(summary),
             "warnings": self.warnings + list(summary.warnings),
         }
@@ -362,6 +303,8 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
     and the error is raised after every worker has been reaped.
     """
     check_workload(plan, workload)
+    if opts.inflight < 1:
+        raise NumabenchError(f"--inflight must be at least 1 (got {opts.inflight})")
     run = _Run(machine, plan, workload, opts)
     run.prepare()
     # SIGTERM to the coordinator stops the run as cleanly as Ctrl-C does.
