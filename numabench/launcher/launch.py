@@ -20,7 +20,7 @@ from typing import Any
 
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
-from numabench.launcher import binding, spawn
+from numabench.launcher import binding, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.measure import DEFAULT_INFLIGHT, Limits, Measurement, make_payloads, measure
 from numabench.launcher.procs import ProcessGroup
@@ -205,6 +205,18 @@ class _Run:
             "hostname": socket.gethostname(), "kernel": platform.release(),
         }
 
+    def place_coordinator(self) -> Callable[[], None]:
+        """Pin the coordinator off the workers' CPUs (after they started: numactl refuses CPUs
+        outside its parent's affinity); returns the undo."""
+        where = placement.coordinator_placement(self.machine, self.plan.cpus)
+        if where.warning:
+            self.warnings.append(where.warning)
+        self.env_info["coordinator"] = where.record()
+        if where.shares_cpus_with_workers:
+            return lambda: None
+        self.log(f"coordinator pinned to CPUs {list(where.cpus)}")
+        return placement.pin_threads(where.cpus)
+
     def wait_ready(self, coord: Coordinator) -> None:
         ids = {i.id for i in self.plan.instances}
         hello: set[int] = set()
@@ -310,11 +322,13 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
     # SIGTERM to the coordinator stops the run as cleanly as Ctrl-C does.
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     status, error, failed = "ok", None, None
+    unpin: Callable[[], None] = lambda: None  # noqa: E731
     try:
         with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
             try:
                 run.prepare_backend()
                 run.spawn(group, coord)
+                unpin = run.place_coordinator()
                 run.wait_ready(coord)
                 run.measure(coord)
                 coord.stop_workers([i.id for i in plan.instances], timeout_s=opts.grace_s)
@@ -330,6 +344,7 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
                 raise RunInterrupted("interrupted: all instances stopped; partial results saved "
                                      f"in {run.run_dir}") from None
             finally:
+                unpin()
                 run.progress.done()
                 group.stop(opts.grace_s)
     finally:
