@@ -207,6 +207,17 @@ inflight_option = click.option(
          "next input waiting and computes back to back; 1 = one round trip between requests.")
 
 
+def threading_options(f):
+    """Shared by launch and sweep: the OpenMP runtime and thread binding inside each instance."""
+    f = click.option("--pin-threads/--no-pin-threads", default=True, show_default=True,
+                     help="Bind each OpenMP (or ONNX Runtime) thread to its own CPU of the instance "
+                          "(OMP_PROC_BIND/OMP_PLACES, KMP_AFFINITY); variables you set are kept.")(f)
+    return click.option("--omp-runtime", type=click.Choice(["gnu", "intel"]), default="gnu",
+                        show_default=True,
+                        help="gnu: the framework's own OpenMP (libgomp for PyTorch wheels); intel: "
+                             "preload libiomp5.so (pip install intel-openmp) as torch's run_cpu does.")(f)
+
+
 @cli.command("launch")
 @click.option("--instances", "-n", type=int, help="Number of instances (default: 1, or the plan's).")
 @click.option("--cores-per-instance", "-c", type=int, help="Physical cores per instance (derives --instances).")
@@ -242,6 +253,7 @@ inflight_option = click.option(
 @binder_option
 @allocator_option
 @inflight_option
+@threading_options
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for logs and results (default runs/<time>-<pid>).")
@@ -251,7 +263,7 @@ inflight_option = click.option(
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, run_dir, output, as_json, cache_dir,
-               ort_opt_level, inflight):
+               ort_opt_level, inflight, omp_runtime, pin_threads):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -283,6 +295,7 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                         iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
                         text_file=text_file, backend_options=options)
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport, inflight=inflight,
+                         omp_runtime=omp_runtime, pin_threads=pin_threads,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None)
 
@@ -469,8 +482,9 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @binder_option
 @allocator_option
 @inflight_option
+@threading_options
 @user_errors
-def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, inflight):
+def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, inflight, omp_runtime, pin_threads):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
@@ -491,7 +505,8 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, inflight):
             click.echo(f"{k + 1:>4}  {p.id}  ({len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs)")
         return
     outcome = run_sweep(machine, experiment, output, resume=resume,
-                        launch_opts=LaunchOptions(binder=binder, allocator=allocator, inflight=inflight))
+                        launch_opts=LaunchOptions(binder=binder, allocator=allocator, inflight=inflight,
+                                                  omp_runtime=omp_runtime, pin_threads=pin_threads))
     click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
                f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
 

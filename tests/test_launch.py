@@ -335,3 +335,36 @@ def test_coordinator_placement_is_recorded_and_restored(tmp_path):
     assert doc["environment"]["coordinator"]["shares_cpus_with_workers"] is True
     assert any("every usable CPU runs a worker" in w for w in doc["warnings"])
     assert os.sched_getaffinity(0) == before
+
+
+@TWO_CPUS
+def test_thread_binding_is_recorded_and_a_users_own_setting_kept(tmp_path):
+    cpus = ",".join(str(c) for c in USABLE[:2])
+    common = ("--cpus", cpus, "--batch", "1", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+              "--iterations", "2")
+    out = tmp_path / "bound.json"
+    r = launch(*common, "--run-dir", str(tmp_path / "bound"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    places = ",".join(f"{{{c}}}" for c in USABLE[:2])
+    assert doc["environment"]["variables_set"]["0"]["OMP_PLACES"] == places
+    assert doc["environment"]["omp_runtime"] == "gnu" and doc["environment"]["pin_threads"] is True
+    got = doc["instances"]["0"]["got"]
+    assert got["env"]["OMP_PLACES"] == places and got["env"]["OMP_PROC_BIND"] == "close"
+    assert got["affinity"] == USABLE[:2] and got["thread_cpus"]
+
+    env = dict(os.environ, OMP_PLACES="cores")
+    out = tmp_path / "user.json"
+    r = launch(*common, "--run-dir", str(tmp_path / "user"), "-o", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["instances"]["0"]["got"]["env"]["OMP_PLACES"] == "cores"  # the user's, kept
+    assert doc["instances"]["0"]["got"]["env"]["OMP_PROC_BIND"] is None  # and nothing mixed in
+    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
+    assert any("OMP_PLACES=cores" in w and "kept" in w for w in doc["warnings"])
+
+    r = launch(*common, "--no-pin-threads", "--run-dir", str(tmp_path / "free"), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "free" / "results.json").read_text())
+    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
+    assert doc["environment"]["pin_threads"] is False

@@ -73,6 +73,8 @@ class LaunchOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     path: str | None = None  # PATH used to find numactl/taskset (tests hide numactl with it)
     inflight: int = DEFAULT_INFLIGHT  # throughput mode: requests outstanding per instance
+    omp_runtime: str = "gnu"  # gnu (the framework's own) or intel (libiomp5 preloaded)
+    pin_threads: bool = True  # each OpenMP / ONNX Runtime thread bound to its own CPU
 
 
 class RunInterrupted(LaunchError):
@@ -160,6 +162,7 @@ class _Run:
         self.binder, self.preload = binding.prepare_binding(
             self.plan, self.opts.binder, self.opts.allocator, self.opts.path)
         self.warnings.extend(self.binder.warnings)
+        self.threading = binding.prepare_threading(self.opts.omp_runtime, self.opts.pin_threads)
         self.governors = binding.cpu_governors(self.plan.cpus)
         slow = sorted({g for g in self.governors.values() if g != "performance"})
         if slow:
@@ -189,8 +192,9 @@ class _Run:
                 precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
                 timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
-                options={**w.backend_options, **(self.prepared.options if self.prepared else {})})
-            started = spawn.start_instance(group, binder, inst, cfg, preload)
+                options={**w.backend_options, **(self.prepared.options if self.prepared else {}),
+                         **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})})
+            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
             self.log(f"instance {inst.id}: pid {started.pid}, cpus {list(inst.cpus)}, "
@@ -201,6 +205,7 @@ class _Run:
             "variables_set": {str(k): v for k, v in applied_env.items()},
             "transport": self.opts.transport, "governors": governors,
             "inflight": self.opts.inflight if w.mode == "throughput" else 1,
+            **self.threading.record(),
             "python": platform.python_version(), "numabench": __version__,
             "hostname": socket.gethostname(), "kernel": platform.release(),
         }
