@@ -25,9 +25,10 @@ class ScriptedWorkers:
         self.turn = 0
         self.headers: list[dict] = []
 
-    def send(self, instance, msg_type, header=None, arrays=None):
-        assert msg_type == protocol.RUN
-        self.headers.append(dict(header))
+    def send_frames(self, instance, frames):
+        header, _ = protocol.decode(frames)  # what a worker would read
+        assert header["type"] == protocol.RUN
+        self.headers.append(header)
         q = self.queues.setdefault(instance, deque())
         q.append(header["req"])
         self.sent[instance] = self.sent.get(instance, 0) + 1
@@ -46,7 +47,7 @@ class ScriptedWorkers:
         return iid, {"type": protocol.RESULT, "req": req, "compute_ns": 1000, "start_ns": now}, {}
 
 
-PAYLOADS = {0: ({}, None), 1: ({}, None)}
+PAYLOADS = {0: ({}, {}), 1: ({}, {})}
 BATCHES = {0: 2, 1: 3}
 
 

@@ -10,8 +10,9 @@ worker's `start_ns` and `compute_ns`, so time spent waiting inside the worker
 `split` mode keeps its step semantics: a step's shards are sent together and the step ends at
 its last reply; nothing of the next step is sent early (that would change what a step means).
 
-The coordinator-like object needs `send(instance, type, header, arrays)` and
-`recv(timeout_s, watching=, what=)` -> (instance, header, arrays); see coordinator.py.
+The coordinator-like object needs `send_frames(instance, frames)` and
+`recv(timeout_s, watching=, what=)` -> (instance, header, arrays); see coordinator.py. Each
+instance's RUN is encoded once (protocol.RequestTemplate); a request then costs a bytes join.
 """
 from __future__ import annotations
 
@@ -34,8 +35,7 @@ Payload = tuple[dict[str, Any], Any]  # (header extras, arrays or PreparedArrays
 
 
 class Channel(Protocol):
-    def send(self, instance: int, msg_type: str, header: dict[str, Any] | None = None,
-             arrays: Any = None) -> None: ...
+    def send_frames(self, instance: int, frames: list[Any]) -> None: ...
 
     def recv(self, timeout_s: float, watching: frozenset[int] | None = None,
              what: str = "a reply") -> tuple[int, dict[str, Any], dict[str, Any]]: ...
@@ -113,16 +113,16 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
     order = sorted(ids)
     count = limits.iterations if limits.iterations is not None or limits.duration_s is not None \
         else DEFAULT_ITERATIONS
-    headers = {iid: {"want": "shape", **payloads[iid][0]} for iid in ids}  # built once
+    templates = {iid: protocol.RequestTemplate(protocol.RUN, {"want": "shape", **payloads[iid][0]},
+                                               payloads[iid][1]) for iid in ids}
     pending = m.pending
 
     def send(iid: int, step: int) -> None:
         m._req += 1
         req = m._req
-        head = headers[iid]
-        head["req"] = req
+        frames = templates[iid].encode(req)
         sent = time.monotonic_ns()
-        channel.send(iid, protocol.RUN, head, payloads[iid][1])
+        channel.send_frames(iid, frames)
         pending[req] = Pending(iid, step, batches[iid], sent)
 
     def collect() -> int:

@@ -374,6 +374,8 @@ class Worker:
             # LayerNorm outputs sum to ~0 per token, so the plain sum barely tells models
             # apart; the sum of magnitudes does.
             output["abs_sum"] = abs_sum if math.isfinite(abs_sum) else None
+        if want == "shape":  # the timed path: formatted, not json.dumps'd (see docs/protocol.md)
+            return self._protocol.encode_result(head.get("req"), end_ns - start_ns, start_ns, end_ns, output)
         header = {"req": head.get("req"), "compute_ns": end_ns - start_ns, "start_ns": start_ns,
                   "end_ns": end_ns, "output": output}
         out_arrays = {"output": out.astype(np.float32, copy=False)} if want == "outputs" else None
