@@ -40,8 +40,11 @@ def bare_run(plan, binder, threading, args) -> float:
                 str(inst.batch), "--seq", str(args.seq), "--threads", str(inst.threads),
                 "--iterations", str(args.iterations), "--warmup", str(args.warmup),
                 "--seed", str(inst.id)]
+            # Each in its own session, as numabench starts its workers: with the kernel's
+            # autogroup scheduling a session is a scheduling group, so sharing one would give the
+            # bare loops less CPU than numabench's workers on a machine busy with other work.
             procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          text=True))
+                                          text=True, start_new_session=True))
         for p in procs:  # all loaded and warmed up before anyone starts: the common window
             if p.stdout.readline().strip() != "ready":
                 raise SystemExit("a bare loop failed to start")

@@ -54,7 +54,11 @@ def run_cpu_round(plan, args) -> tuple[float, dict]:
                  "--go-file", go, "--result-file", result]
         # run_cpu looks for libiomp5.so in $VIRTUAL_ENV/lib (where the intel-openmp wheel puts it).
         env = dict(os.environ, VIRTUAL_ENV=sys.prefix)
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Its own session, like each numabench worker; run_cpu's instances then share that one
+        # session (its own way of starting them): under autogroup scheduling on a busy machine
+        # that gives them less CPU than N sessions would. Read ratios from a quiet machine.
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             deadline = time.monotonic() + 600
             while len(glob.glob(go + ".ready.*")) < len(plan.instances):

@@ -368,3 +368,16 @@ def test_thread_binding_is_recorded_and_a_users_own_setting_kept(tmp_path):
     doc = json.loads((tmp_path / "free" / "results.json").read_text())
     assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
     assert doc["environment"]["pin_threads"] is False
+
+
+@TWO_CPUS
+def test_startup_of_each_instance_is_recorded(tmp_path):
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--iterations", "2", "--run-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "results.json").read_text())
+    start = doc["environment"]["startup"]
+    assert set(start["instances"]) == {"0", "1"}
+    for t in start["instances"].values():
+        assert 0 < t["hello_s"] <= t["ready_s"] <= start["all_ready_s"]
+    assert "all 2 instances ready in" in (tmp_path / "launch.log").read_text()

@@ -13,6 +13,7 @@ import platform
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,6 +138,7 @@ class _Run:
         self.machine, self.plan, self.workload, self.opts = machine, plan, workload, opts
         self.run_dir = Path(opts.run_dir or default_run_dir())
         self.progress = Progress(opts.progress)
+        self.startup: dict[int, dict[str, int]] = {}  # instance -> spawned/hello/ready (monotonic ns)
         self.measured = Measurement()  # filled as replies arrive: a failed run keeps its part
         self.samples: list[Sample] = self.measured.samples
         self.ready: dict[int, dict[str, Any]] = {}
@@ -194,6 +196,7 @@ class _Run:
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
                 options={**w.backend_options, **(self.prepared.options if self.prepared else {}),
                          **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})})
+            self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
             started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
@@ -228,6 +231,8 @@ class _Run:
         n = len(ids)
 
         def show(inst: int, header: dict[str, Any]) -> None:
+            if header["type"] in (protocol.HELLO, protocol.READY):  # start-up as the coordinator saw it
+                self.startup.setdefault(inst, {})[f"{header['type'].lower()}_ns"] = time.monotonic_ns()
             if header["type"] == protocol.HELLO:
                 hello.add(inst)
             self.progress.update(f"loading model: {len(hello)}/{n} started, "
@@ -235,7 +240,12 @@ class _Run:
                                  force=True)
 
         self.ready = coord.wait_for(protocol.READY, ids, self.opts.ready_timeout_s, on_message=show)
-        self.log(f"all {n} instances ready")
+        spawned = min((t["spawned_ns"] for t in self.startup.values() if "spawned_ns" in t), default=None)
+        ready = [t["ready_ns"] for t in self.startup.values() if "ready_ns" in t]
+        if spawned is not None and ready:
+            self.log(f"all {n} instances ready in {(max(ready) - spawned) / 1e9:.2f} s")
+        else:
+            self.log(f"all {n} instances ready")
         for inst in self.plan.instances:
             got = self.ready[inst.id].get("affinity")
             if got is not None and sorted(got) != sorted(inst.cpus):
@@ -284,7 +294,7 @@ class _Run:
             "machine": machine_to_dict(self.machine),
             "plan": yaml.safe_load(dump_plan(self.plan)),
             "workload": asdict(self.workload),
-            "environment": {**self.env_info, "versions": versions,
+            "environment": {**self.env_info, "versions": versions, "startup": _startup_record(self.startup),
                             **({"backend": self.prepared.record} if self.prepared else {})},
             "instances": {
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
@@ -305,6 +315,19 @@ class _Run:
         for p in paths:
             write_json_atomic(p, doc)
         return paths
+
+
+def _startup_record(startup: dict[int, dict[str, int]]) -> dict[str, Any]:
+    """Per instance: seconds from its spawn to HELLO (interpreter up) and to READY (model loaded,
+    warmed up); and the time from the first spawn to the last READY, the whole start-up."""
+    first = min((t["spawned_ns"] for t in startup.values() if "spawned_ns" in t), default=None)
+    per = {str(i): {k.removesuffix("_ns") + "_s": (t[k] - t["spawned_ns"]) / 1e9
+                    for k in ("hello_ns", "ready_ns") if k in t}
+           for i, t in sorted(startup.items()) if "spawned_ns" in t}
+    ready = [t["ready_ns"] for t in startup.values() if "ready_ns" in t]
+    return {"instances": per,
+            "all_ready_s": (max(ready) - first) / 1e9 if ready and first is not None and len(ready) == len(startup)
+            else None}
 
 
 def _raise_interrupt(signum, frame):
