@@ -60,7 +60,15 @@ def bare_run(plan, binder, threading, args) -> float:
                 p.kill()
                 p.wait()
     window = max(o["end_ns"] for o in outs) - min(o["start_ns"] for o in outs)
+    BARE_ITERATION.append([statistics.median(o["latency_ns"]) for o in outs])
     return sum(o["samples"] for o in outs) / window * 1e9
+
+
+# Where the time went, per round: numabench's compute p50 and busy fraction (compute / window)
+# per instance; each bare loop's median iteration. Equal compute and busy < 1: the loss is
+# between computes (numabench's per-request work, or the machine taking the CPU away).
+DIAGNOSTICS: list[dict] = []
+BARE_ITERATION: list[list[float]] = []
 
 
 def numabench_run(machine, plan, args) -> float:
@@ -70,7 +78,12 @@ def numabench_run(machine, plan, args) -> float:
         doc = run_launch(machine, plan, workload, LaunchOptions(
             run_dir=Path(tmp), progress=False, inflight=args.inflight, omp_runtime=args.omp_runtime,
             pin_threads=args.pin_threads))
-    return doc["summary"]["throughput"]
+    s, raw = doc["summary"], doc["raw"]
+    busy = [sum(c for c, i in zip(raw["compute_ns"], raw["instance"]) if i == iid) / s["window_ns"]
+            for iid in sorted(set(raw["instance"]))]
+    DIAGNOSTICS.append({"compute_p50_ns": [p["compute"]["p50_ns"] for p in s["instances"].values()],
+                        "busy": busy})
+    return s["throughput"]
 
 
 def main() -> int:
@@ -104,7 +117,10 @@ def main() -> int:
         else:
             nb.append(numabench_run(machine, plan, args))
             bare.append(bare_run(plan, binder, threading, args))
-        print(f"round {r + 1}: bare {bare[-1]:.2f} samples/s, numabench {nb[-1]:.2f} samples/s", flush=True)
+        print(f"round {r + 1}: bare {bare[-1]:.2f} samples/s, numabench {nb[-1]:.2f} samples/s "
+              f"(bare iteration p50 {min(BARE_ITERATION[-1]) / 1e3:.0f} us; numabench compute p50 "
+              f"{min(DIAGNOSTICS[-1]['compute_p50_ns']) / 1e3:.0f} us, busy "
+              f"{', '.join(f'{b:.2f}' for b in DIAGNOSTICS[-1]['busy'])})", flush=True)
     ratios = [n / b for n, b in zip(nb, bare)]
     ratio = statistics.median(ratios)
     figures = {"model": args.model, "instances": args.instances, "batch_per_instance": args.batch,
@@ -112,7 +128,8 @@ def main() -> int:
                "binder": binder.name, "inflight": args.inflight, **threading.record(),
                "bare": bare, "numabench": nb, "ratios": ratios,
                "ratio_of_medians": statistics.median(nb) / statistics.median(bare),
-               "ratio": ratio, "goal": GOAL, "met": ratio >= GOAL}
+               "ratio": ratio, "goal": GOAL, "met": ratio >= GOAL,
+               "diagnostics": {"numabench": DIAGNOSTICS, "bare_iteration_p50_ns": BARE_ITERATION}}
     print(f"numabench / bare throughput (median of {args.rounds} per-round ratios): {ratio:.3f} "
           f"(goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})")
     if args.output:
