@@ -2,12 +2,15 @@
 
 Started by vs_bare.py under the same numactl binding and thread variables as a numabench
 instance. Protocol on stdio: prints "ready" after load and warm-up, waits for "go", runs,
-prints one JSON line with its timings.
+prints one JSON line with its timings. With --go-file (vs_run_cpu.py, where run_cpu owns the
+processes' stdio) it creates <go-file>.ready.<pid> instead, waits for the go file to exist and writes its JSON
+to <result-file>.<pid>.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -21,6 +24,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, required=True)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--go-file", help="wait for this file instead of a line on stdin")
+    ap.add_argument("--result-file", help="write the JSON here instead of stdout")
     args = ap.parse_args()
 
     import numpy as np
@@ -38,8 +43,13 @@ def main() -> None:
     with torch.inference_mode():
         for _ in range(args.warmup):
             model(input_ids=ids, attention_mask=mask)
-        print("ready", flush=True)
-        sys.stdin.readline()
+        if args.go_file:
+            open(f"{args.go_file}.ready.{os.getpid()}", "w").close()  # run_cpu gives all the same args
+            while not os.path.exists(args.go_file):
+                time.sleep(0.001)
+        else:
+            print("ready", flush=True)
+            sys.stdin.readline()
         lat = []
         start = time.monotonic_ns()
         for _ in range(args.iterations):
@@ -47,8 +57,16 @@ def main() -> None:
             model(input_ids=ids, attention_mask=mask)
             lat.append(time.monotonic_ns() - t0)
         end = time.monotonic_ns()
-    print(json.dumps({"start_ns": start, "end_ns": end, "samples": args.batch * args.iterations,
-                      "latency_ns": lat}), flush=True)
+    result = json.dumps({"start_ns": start, "end_ns": end, "samples": args.batch * args.iterations,
+                         "latency_ns": lat, "affinity": sorted(os.sched_getaffinity(0)),
+                         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "LD_PRELOAD",
+                                                                "KMP_AFFINITY", "KMP_BLOCKTIME",
+                                                                "OMP_PLACES", "OMP_PROC_BIND")}})
+    if args.result_file:
+        with open(f"{args.result_file}.{os.getpid()}", "w") as f:
+            f.write(result + "\n")
+    else:
+        print(result, flush=True)
 
 
 if __name__ == "__main__":

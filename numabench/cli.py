@@ -258,6 +258,23 @@ def plan_validate(ctx, plan_file, root):
 # ---- launch ---------------------------------------------------------------------------------
 # (section owned by the launcher part)
 
+# Shared by launch and sweep: how the measuring loop feeds the workers.
+inflight_option = click.option(
+    "--inflight", type=click.IntRange(min=1), default=2, show_default=True,
+    help="throughput mode: requests outstanding per instance (credits), so each worker finds its "
+         "next input waiting and computes back to back; 1 = one round trip between requests.")
+
+
+def threading_options(f):
+    """Shared by launch and sweep: the OpenMP runtime and thread binding inside each instance."""
+    f = click.option("--pin-threads/--no-pin-threads", default=True, show_default=True,
+                     help="Bind each OpenMP (or ONNX Runtime) thread to its own CPU of the instance "
+                          "(OMP_PROC_BIND/OMP_PLACES, KMP_AFFINITY); variables you set are kept.")(f)
+    return click.option("--omp-runtime", type=click.Choice(["gnu", "intel"]), default="gnu",
+                        show_default=True,
+                        help="gnu: the framework's own OpenMP (libgomp for PyTorch wheels); intel: "
+                             "preload libiomp5.so (pip install intel-openmp) as torch's run_cpu does.")(f)
+
 
 @cli.command("launch")
 @click.option("--instances", "-n", type=POSITIVE, help="Number of instances (default: 1, or the plan's).")
@@ -307,6 +324,8 @@ def plan_validate(ctx, plan_file, root):
                    "not on tmpfs: one copy in the page cache).")
 @binder_option
 @allocator_option
+@inflight_option
+@threading_options
 @click.option("--transport", type=click.Choice(TRANSPORTS), default=LaunchOptions.transport,
               show_default=True)
 @click.option("--ready-timeout", type=FiniteFloat(), default=DEFAULT_READY_TIMEOUT_S, show_default=True,
@@ -327,7 +346,7 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
                run_dir, output, as_json, cache_dir, ort_opt_level, share_weights, keep_weights,
-               weights_dir, ray_address, hosts):
+               weights_dir, ray_address, hosts, inflight, omp_runtime, pin_threads):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -359,7 +378,8 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
     workload = Workload(model=model, backend=backend, precision=precision, seq=seq, mode=mode,
                         iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
                         text_file=text_file, backend_options=options, share_weights=share_weights)
-    opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport,
+    opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport, inflight=inflight,
+                         omp_runtime=omp_runtime, pin_threads=pin_threads,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None, ready_timeout_s=ready_timeout,
                          request_timeout_s=request_timeout, repeat=repeat,
@@ -578,8 +598,11 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @binder_option
 @allocator_option
 @ray_option
+@inflight_option
+@threading_options
 @user_errors
-def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_address):
+def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_address, inflight, omp_runtime,
+              pin_threads):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
@@ -592,11 +615,13 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_addres
     from numabench.launcher.launch import LaunchOptions
     from numabench.topology import read_machine
 
+    launch_opts = LaunchOptions(binder=binder, allocator=allocator, inflight=inflight,
+                                omp_runtime=omp_runtime, pin_threads=pin_threads)
     if ray_address and not dry_run:  # each point runs on a whole cluster host (docs/cluster.md)
         from numabench.cluster.sweep import run_cluster_sweep
 
         outcome = run_cluster_sweep(ray_address, experiment, output, resume=resume,
-                                    launch_opts=LaunchOptions(binder=binder, allocator=allocator))
+                                    launch_opts=launch_opts)
         click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
                    f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
         return
@@ -612,8 +637,7 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_addres
         for k, (p, plan) in enumerate(zip(points, plans)):
             click.echo(f"{k + 1:>4}  {p.id}  ({len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs)")
         return
-    outcome = run_sweep(machine, experiment, output, resume=resume,
-                        launch_opts=LaunchOptions(binder=binder, allocator=allocator))
+    outcome = run_sweep(machine, experiment, output, resume=resume, launch_opts=launch_opts)
     click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
                f"results in {outcome.out_dir}; next: numabench report {outcome.out_dir}")
 

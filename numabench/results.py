@@ -309,6 +309,9 @@ class RunResult:
     warnings: tuple[str, ...]
     repetition: dict[str, Any] | None = None  # launch --repeat: {"index", "of", "fresh_workers"}
     experiment: dict[str, Any] | None = None  # sweep: which point this is
+    # requests sent and never answered (a failed or interrupted run): columns instance, step,
+    # batch, sent_ns
+    unanswered: dict[str, list[int]] | None = None
     version: int = RESULTS_VERSION
 
     def __post_init__(self):
@@ -334,7 +337,8 @@ class RunResult:
             "workload": self.workload,
             "environment": self.environment,
             "instances": self.instances,
-            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(list(self.samples))},
+            "raw": {"window_start_ns": self.window_start_ns, **samples_to_columns(list(self.samples)),
+                    **({"unanswered": self.unanswered} if self.unanswered is not None else {})},
             "summary": self.summary.to_dict(),
             "warnings": list(self.warnings),
             "repetition": self.repetition,
@@ -367,7 +371,8 @@ class RunResult:
                 environment=doc.get("environment") or {}, instances=doc.get("instances") or {},
                 window_start_ns=raw.get("window_start_ns"), samples=samples,
                 summary=Summary.from_dict(doc["summary"]), warnings=tuple(doc.get("warnings") or ()),
-                repetition=doc.get("repetition"), experiment=doc.get("experiment"), version=version)
+                repetition=doc.get("repetition"), experiment=doc.get("experiment"),
+                unanswered=raw.get("unanswered"), version=version)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ResultsError(f"{source}: damaged results document ({type(e).__name__}: "
                                f"{str(e)[:120]})") from None

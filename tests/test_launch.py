@@ -265,3 +265,131 @@ def test_text_needs_a_tokenizer(tmp_path):
     text.write_text("hello\n")
     r = launch("--model", "bert-tiny", "--text", str(text), "--run-dir", str(tmp_path / "run"), timeout=60)
     assert r.returncode == 2 and "tokenizer" in r.stderr
+
+
+def max_outstanding(samples, instance: int) -> int:
+    """Most requests of one instance in flight at once, from the coordinator's own timestamps
+    (sent_ns is taken before the send, received_ns after the receive: a superset of the truth)."""
+    mine = [s for s in samples if s.instance == instance]
+    return max(sum(1 for o in mine if o.sent_ns <= s.sent_ns < o.received_ns) for s in mine)
+
+
+@TWO_CPUS
+def test_throughput_mode_keeps_the_inflight_limit_and_times_queueing_apart(tmp_path):
+    out = tmp_path / "r.json"
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--mode", "throughput", "--iterations", "12", "--compute-us", "20000", "--inflight", "3",
+               "--run-dir", str(tmp_path / "run"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["inflight"] == 3
+    samples = samples_from_columns(doc["raw"])
+    assert doc["raw"]["unanswered"]["instance"] == []
+    for iid in (0, 1):
+        assert max_outstanding(samples, iid) == 3  # credits used, never exceeded
+        mine = sorted((s for s in samples if s.instance == iid), key=lambda s: s.start_ns)
+        assert [s.step for s in mine] == list(range(12))  # served in the order sent
+        for s in mine:
+            # queue (sent -> start) + compute + reply fit in end-to-end: nothing double counted
+            assert s.sent_ns <= s.start_ns and s.start_ns + s.compute_ns <= s.received_ns
+        # Back to back: a request never starts before the previous one ended (one at a time).
+        assert all(b.start_ns >= a.start_ns + a.compute_ns for a, b in zip(mine, mine[1:]))
+
+
+@TWO_CPUS
+def test_a_killed_worker_with_queued_requests_is_named_and_its_requests_accounted(tmp_path):
+    run_dir = tmp_path / "run"
+    p = start_launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
+                     "--model", "bert-tiny", "--compute-us", "5000", "--duration", "60",
+                     "--mode", "throughput", "--inflight", "3", "--run-dir", str(run_dir))
+    try:
+        wait_for_line(run_dir / "launch.log", "measuring (throughput mode, 3 in flight")
+        time.sleep(0.3)
+        workers = workers_of(p.pid)
+        victim = next(w for w in workers if '"instance": 1' in " ".join(w.cmdline()))
+        victim.send_signal(signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert "instance 1 killed by SIGKILL" in err and "in flight to it unanswered" in err
+    assert_all_gone(workers)
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["status"] == "failed" and doc["failed_instance"] == 1
+    samples = samples_from_columns(doc["raw"])
+    lost = doc["raw"]["unanswered"]
+    for iid in (0, 1):
+        answered = [s.step for s in samples if s.instance == iid]
+        unanswered = [st for i, st in zip(lost["instance"], lost["step"]) if i == iid]
+        assert answered, iid
+        # Every request sent is a sample or unanswered: none lost, none counted twice.
+        assert sorted(answered + unanswered) == list(range(len(answered) + len(unanswered)))
+    assert 1 <= lost["instance"].count(1) <= 3
+
+
+@TWO_CPUS
+def test_coordinator_placement_is_recorded_and_restored(tmp_path):
+    from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, run_launch
+    from numabench.topology import read_machine
+
+    machine = read_machine("/")
+    before = os.sched_getaffinity(0)
+    workload = Workload(model="bert-tiny", backend="noop", seq=8, mode="throughput", iterations=3, warmup=1)
+    one = plan_for_launch(machine, cpus=(USABLE[0],), batch=1)
+    doc = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "one", progress=False))
+    where = doc["environment"]["coordinator"]
+    assert where["pinned"] is True and USABLE[0] not in where["cpus"] and where["cpus"]
+    assert "coordinator pinned to CPUs" in (tmp_path / "one" / "launch.log").read_text()
+    assert os.sched_getaffinity(0) == before  # given back after the run
+    every = plan_for_launch(machine, instances=len(USABLE), batch=len(USABLE))
+    doc = run_launch(machine, every, workload, LaunchOptions(run_dir=tmp_path / "all", progress=False))
+    assert doc["environment"]["coordinator"]["shares_cpus_with_workers"] is True
+    assert any("every usable CPU runs a worker" in w for w in doc["warnings"])
+    assert os.sched_getaffinity(0) == before
+
+
+@TWO_CPUS
+def test_thread_binding_is_recorded_and_a_users_own_setting_kept(tmp_path):
+    cpus = ",".join(str(c) for c in USABLE[:2])
+    common = ("--cpus", cpus, "--batch", "1", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+              "--iterations", "2")
+    out = tmp_path / "bound.json"
+    r = launch(*common, "--run-dir", str(tmp_path / "bound"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    places = ",".join(f"{{{c}}}" for c in USABLE[:2])
+    assert doc["environment"]["variables_set"]["0"]["OMP_PLACES"] == places
+    assert doc["environment"]["omp_runtime"] == "gnu" and doc["environment"]["pin_threads"] is True
+    got = doc["instances"]["0"]["got"]
+    assert got["env"]["OMP_PLACES"] == places and got["env"]["OMP_PROC_BIND"] == "close"
+    assert got["affinity"] == USABLE[:2] and got["thread_cpus"]
+
+    env = dict(os.environ, OMP_PLACES="cores")
+    out = tmp_path / "user.json"
+    r = launch(*common, "--run-dir", str(tmp_path / "user"), "-o", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["instances"]["0"]["got"]["env"]["OMP_PLACES"] == "cores"  # the user's, kept
+    assert doc["instances"]["0"]["got"]["env"]["OMP_PROC_BIND"] is None  # and nothing mixed in
+    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
+    assert any("OMP_PLACES=cores" in w and "kept" in w for w in doc["warnings"])
+
+    r = launch(*common, "--no-pin-threads", "--run-dir", str(tmp_path / "free"), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "free" / "results.json").read_text())
+    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
+    assert doc["environment"]["pin_threads"] is False
+
+
+@TWO_CPUS
+def test_startup_of_each_instance_is_recorded(tmp_path):
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--iterations", "2", "--run-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "results.json").read_text())
+    start = doc["environment"]["startup"]
+    assert set(start["instances"]) == {"0", "1"}
+    for t in start["instances"].values():
+        assert 0 < t["hello_s"] <= t["ready_s"] <= start["all_ready_s"]
+    assert "all 2 instances ready in" in (tmp_path / "launch.log").read_text()

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from numabench.errors import LaunchError
+from numabench.errors import LaunchError, NumabenchError
 from numabench.launcher import binding
 from numabench.launcher.procs import ProcessGroup
 from numabench.plans.model import InstancePlan
@@ -42,6 +42,45 @@ def test_worker_env_sets_threads_and_keeps_user_values_with_a_warning():
     assert env["OMP_NUM_THREADS"] == "8"  # never silently overridden
     assert len(warnings) == 1 and "OMP_NUM_THREADS=8" in warnings[0] and "instance 3" in warnings[0]
     assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and "OMP_NUM_THREADS" not in applied
+
+
+def test_gnu_threads_are_bound_one_per_cpu_with_real_cpu_numbers():
+    t = binding.Threading("gnu", pin=True)
+    env, warnings, applied = binding.worker_env({"PATH": "/bin"}, INST, threading=t)
+    assert env["OMP_PROC_BIND"] == "close" and env["OMP_PLACES"] == "{4},{5},{6}"
+    assert applied["OMP_PLACES"] == "{4},{5},{6}" and warnings == () and "LD_PRELOAD" not in env
+    # Fewer threads than CPUs (SMT siblings given): no per-CPU list that could stack threads.
+    fewer = InstancePlan(id=0, cpus=(0, 1, 8, 9), memory_nodes=(), threads=2, batch=1)
+    assert binding.thread_placement_env(fewer, t) == {}
+    assert binding.thread_placement_env(INST, binding.Threading("gnu", pin=False)) == {}
+
+
+def test_intel_runtime_is_preloaded_with_kmp_settings():
+    t = binding.Threading("intel", pin=True, iomp="/venv/lib/libiomp5.so")
+    env, warnings, applied = binding.worker_env({"LD_PRELOAD": "/x.so"}, INST, preload="/lib/libjemalloc.so.2",
+                                                threading=t)
+    assert env["KMP_AFFINITY"] == "granularity=fine,proclist=[4,5,6],explicit" and env["KMP_BLOCKTIME"] == "1"
+    assert env["LD_PRELOAD"] == "/venv/lib/libiomp5.so:/lib/libjemalloc.so.2:/x.so"
+    assert applied["LD_PRELOAD"] == env["LD_PRELOAD"] and "OMP_PLACES" not in env
+    unpinned = binding.thread_placement_env(INST, binding.Threading("intel", pin=False, iomp="/l.so"))
+    assert unpinned == {"KMP_BLOCKTIME": "1"}
+
+
+def test_a_users_own_thread_placement_is_kept_with_a_warning():
+    t = binding.Threading("gnu", pin=True)
+    env, warnings, applied = binding.worker_env({"OMP_PROC_BIND": "spread"}, INST, threading=t)
+    assert env["OMP_PROC_BIND"] == "spread" and "OMP_PLACES" not in env  # none mixed in
+    assert "OMP_PROC_BIND" not in applied and "OMP_PLACES" not in applied
+    assert len(warnings) == 1 and "OMP_PROC_BIND=spread" in warnings[0] and "kept" in warnings[0]
+
+
+def test_intel_runtime_missing_is_refused(monkeypatch):
+    monkeypatch.setattr(binding, "find_iomp", lambda: None)
+    with pytest.raises(NumabenchError, match="pip install intel-openmp"):
+        binding.prepare_threading("intel")
+    with pytest.raises(NumabenchError, match="unknown OpenMP runtime"):
+        binding.prepare_threading("llvm")
+    assert binding.prepare_threading("gnu", pin=False) == binding.Threading("gnu", False, None)
 
 
 def test_detect_binder_fallbacks(tmp_path):

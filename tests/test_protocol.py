@@ -132,3 +132,33 @@ def test_decode_refuses(frames, match):
 
 def test_protocol_error_is_a_value_error():
     assert issubclass(p.ProtocolError, ValueError)
+
+
+def test_request_template_gives_what_encode_gives_with_the_req():
+    import numpy as np
+
+    from numabench.workers import protocol as p
+
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    t = p.RequestTemplate(p.RUN, {"want": "shape", "seq": 4}, p.prepare_arrays({"input_ids": ids}))
+    for req in (1, 987654321):
+        head, arrays = p.decode(t.encode(req))
+        ref, ref_arrays = p.decode(p.encode(p.RUN, {"want": "shape", "seq": 4, "req": req}, {"input_ids": ids}))
+        assert head == ref and head["req"] == req
+        assert (arrays["input_ids"] == ids).all() and (ref_arrays["input_ids"] == ids).all()
+    with pytest.raises(p.ProtocolError):
+        p.RequestTemplate(p.RUN, {"req": 1})
+
+
+@pytest.mark.parametrize("req, output", [
+    (7, {"shape": [2, 8, 128], "dtype": "float32"}),
+    ("abc", {"shape": [1], "dtype": "float32"}),  # not an int: falls back to json.dumps
+    (3, {"shape": [1], "dtype": "float32", "checksum": 1.5}),
+])
+def test_encode_result_matches_encode(req, output):
+    from numabench.workers import protocol as p
+
+    fast = p.decode(p.encode_result(req, 10, 20, 30, output))[0]
+    ref = p.decode(p.encode(p.RESULT, {"req": req, "compute_ns": 10, "start_ns": 20, "end_ns": 30,
+                                       "output": output}))[0]
+    assert fast == ref

@@ -16,6 +16,13 @@ from numabench.plans.model import InstancePlan, Plan
 
 BINDERS = ("auto", "numactl", "taskset", "self")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+OMP_RUNTIMES = ("gnu", "intel")
+# Variables that place OpenMP threads: a value the user set for any of them is kept, never mixed.
+PLACEMENT_VARS = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "KMP_BLOCKTIME")
+# Where run_cpu (torch.backends.xeon) looks for libiomp5.so, plus this interpreter's prefix
+# (the `intel-openmp` wheel installs it into <prefix>/lib).
+_IOMP_DIRS = ("{prefix}/lib", "$CONDA_PREFIX/lib", "$VIRTUAL_ENV/lib", "~/.local/lib", "/usr/local/lib",
+              "/usr/local/lib64", "/usr/lib", "/usr/lib64")
 ALLOCATORS = ("default", "jemalloc", "tcmalloc")
 # Where distributions put the allocators (Debian/Ubuntu multiarch, RHEL, conda/pip envs).
 _ALLOCATOR_GLOBS = {
@@ -127,12 +134,74 @@ def find_allocator(name: str) -> str | None:
     return None
 
 
-def worker_env(base: dict[str, str], inst: InstancePlan, preload: str | None = None
+@dataclass(frozen=True)
+class Threading:
+    """How OpenMP threads run inside an instance: which runtime, and whether each thread is bound
+    to its own CPU of the instance."""
+
+    runtime: str = "gnu"  # gnu: the framework's own (libgomp for PyTorch wheels); intel: libiomp5
+    pin: bool = True
+    iomp: str | None = None  # libiomp5.so to preload when runtime is intel
+
+    def record(self) -> dict[str, object]:
+        return {"omp_runtime": self.runtime, "pin_threads": self.pin, "iomp": self.iomp}
+
+
+def find_iomp() -> str | None:
+    """libiomp5.so to LD_PRELOAD (as torch.backends.xeon.run_cpu does), or None."""
+    import sys
+
+    for d in _IOMP_DIRS:
+        d = os.path.expanduser(os.path.expandvars(d.format(prefix=sys.prefix)))
+        if "$" in d:  # the variable is unset
+            continue
+        path = os.path.join(d, "libiomp5.so")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def prepare_threading(runtime: str = "gnu", pin: bool = True) -> Threading:
+    """Refuse an Intel runtime that is not installed before any worker starts."""
+    if runtime not in OMP_RUNTIMES:
+        raise NumabenchError(f"unknown OpenMP runtime {runtime!r}; choose one of {', '.join(OMP_RUNTIMES)}")
+    iomp = find_iomp() if runtime == "intel" else None
+    if runtime == "intel" and iomp is None:
+        raise NumabenchError("--omp-runtime intel: libiomp5.so not found; install it with "
+                             "`pip install intel-openmp` (into this environment) or use --omp-runtime gnu")
+    return Threading(runtime, pin, iomp)
+
+
+def thread_placement_env(inst: InstancePlan, threading: Threading) -> dict[str, str]:
+    """The OpenMP variables that bind an instance's threads one per CPU (pure).
+
+    Place lists name real CPU numbers: numactl/taskset only restrict the affinity mask, the
+    runtime still speaks OS CPU ids. Bound only when there is one thread per CPU: with fewer
+    threads than CPUs (SMT siblings given, or threads asked below the CPU count) a per-CPU list
+    would stack threads on siblings of one core, so the OS keeps placing them.
+    """
+    env: dict[str, str] = {}
+    one_each = threading.pin and inst.threads == len(inst.cpus)
+    if threading.runtime == "intel":
+        env["KMP_BLOCKTIME"] = "1"  # as run_cpu: idle threads sleep after 1 ms, not 200
+        if one_each:
+            procs = ",".join(str(c) for c in inst.cpus)
+            env["KMP_AFFINITY"] = f"granularity=fine,proclist=[{procs}],explicit"
+    elif one_each:
+        env["OMP_PROC_BIND"] = "close"
+        env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in inst.cpus)
+    return env
+
+
+def worker_env(base: dict[str, str], inst: InstancePlan, preload: str | None = None,
+               threading: Threading | None = None
                ) -> tuple[dict[str, str], tuple[str, ...], dict[str, str]]:
-    """Environment of one worker: thread counts and allocator preload.
+    """Environment of one worker: thread counts, thread placement and library preloads.
 
     A thread variable the user already set is kept (they may know better) but warned about,
-    never silently overridden. Returns (env, warnings, variables numabench set).
+    never silently overridden; one placement variable set by the user keeps numabench from
+    setting any (a half-set placement is worse than either). Returns (env, warnings,
+    variables numabench set). `threading` None: counts and allocator only.
     """
     env = dict(base)
     warnings: list[str] = []
@@ -145,8 +214,22 @@ def worker_env(base: dict[str, str], inst: InstancePlan, preload: str | None = N
         elif var not in base:
             env[var] = want
             applied[var] = want
-    if preload:
-        env["LD_PRELOAD"] = f"{preload}:{base['LD_PRELOAD']}" if base.get("LD_PRELOAD") else preload
+    preloads = [preload] if preload else []
+    if threading is not None:
+        placement = thread_placement_env(inst, threading)
+        users = sorted(v for v in PLACEMENT_VARS if v in base)
+        if users and placement:
+            warnings.append(f"instance {inst.id}: {', '.join(f'{v}={base[v]}' for v in users)} "
+                            f"set in the environment and kept; numabench sets none of "
+                            f"{', '.join(sorted(placement))} (unset them to let numabench bind threads)")
+        else:
+            env.update(placement)
+            applied.update(placement)
+        if threading.iomp and threading.iomp not in base.get("LD_PRELOAD", "").split(":"):
+            preloads.insert(0, threading.iomp)
+    if preloads:
+        joined = ":".join(preloads)
+        env["LD_PRELOAD"] = f"{joined}:{base['LD_PRELOAD']}" if base.get("LD_PRELOAD") else joined
         applied["LD_PRELOAD"] = env["LD_PRELOAD"]
     return env, tuple(warnings), applied
 

@@ -57,6 +57,7 @@ class Coordinator:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_alive_check = 0.0
+        self._identities: dict[int, bytes] = {}
 
     @property
     def socket(self) -> zmq.Socket:
@@ -79,10 +80,13 @@ class Coordinator:
 
     def send(self, instance: int, msg_type: str, header: dict[str, Any] | None = None,
              arrays: dict[str, np.ndarray] | protocol.PreparedArrays | None = None) -> None:
-        frames = protocol.encode(msg_type, header, arrays)
+        self.send_frames(instance, protocol.encode(msg_type, header, arrays))
+
+    def send_frames(self, instance: int, frames: list[Any]) -> None:
+        """Send an already encoded message (e.g. from a protocol.RequestTemplate)."""
         try:
             # copy=True: for the small frames of a shard, copying beats zero-copy bookkeeping.
-            self.sock.send_multipart([protocol.identity(instance)] + frames)
+            self.sock.send_multipart([self._identity(instance)] + frames)
         except zmq.ZMQError as e:
             # Usually the worker has just died: name how, with its log, rather than the socket error.
             proc = self.group.procs.get(instance)
@@ -92,6 +96,12 @@ class Coordinator:
                 code = None
             what = Exited(instance, code).describe() if code is not None else f"cannot be reached ({e})"
             raise WorkerFailed(instance, self._failure_text(instance, what)) from None
+
+    def _identity(self, instance: int) -> bytes:
+        ident = self._identities.get(instance)
+        if ident is None:
+            ident = self._identities[instance] = protocol.identity(instance)
+        return ident
 
     # --- receiving -------------------------------------------------------------------------
 

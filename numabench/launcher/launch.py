@@ -21,13 +21,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
 from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
-from numabench.launcher import binding, spawn
+from numabench.launcher import binding, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
+from numabench.launcher.measure import Limits, Measurement, make_payloads, measure
 from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
     DEFAULT_ITERATIONS,
     MAX_DURATION_S,
@@ -137,15 +136,20 @@ class _Run:
         self.machine, self.plan, self.workload, self.opts = machine, plan, workload, opts
         self.run_dir = Path(opts.run_dir or default_run_dir())
         self.progress = Progress(opts.progress)
-        self.samples: list[Sample] = []
+        self.startup: dict[int, dict[str, int]] = {}  # instance -> spawned/hello/ready (monotonic ns)
+        self.measured = Measurement()  # filled as replies arrive: a failed run keeps its part
+        self.samples: list[Sample] = self.measured.samples
         self.ready: dict[int, dict[str, Any]] = {}
         self.warnings: list[str] = []
         self.env_info: dict[str, Any] = {}
         self.prepared: Any = None  # backends.Preparation, when the backend prepares (onnxruntime)
-        self.window_start_ns: int | None = None
         self.noise = NoiseRecorder(plan.cpus)  # other processes on the plan's CPUs during the window
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.repetition: dict[str, Any] | None = None
+
+    @property
+    def window_start_ns(self) -> int | None:
+        return self.measured.window_start_ns
 
     def log(self, message: str) -> None:
         """Append an event to run_dir/launch.log: the run's own story, for users and tests."""
@@ -160,6 +164,7 @@ class _Run:
         self.binder, self.preload = binding.prepare_binding(
             self.plan, self.opts.binder, self.opts.allocator, self.opts.path)
         self.warnings.extend(self.binder.warnings)
+        self.threading = binding.prepare_threading(self.opts.omp_runtime, self.opts.pin_threads)
         self.governors = binding.cpu_governors(self.plan.cpus)
         slow = sorted({g for g in self.governors.values() if g != "performance"})
         if slow:
@@ -194,8 +199,10 @@ class _Run:
                 timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
                 options={**w.backend_options,
-                         **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {})})
-            started = spawn.start_instance(group, binder, inst, cfg, preload)
+                         **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {}),
+                         **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})})
+            self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
+            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
             self.log(f"instance {inst.id}: pid {started.pid}, cpus {list(inst.cpus)}, "
@@ -205,9 +212,23 @@ class _Run:
             "allocator": self.opts.allocator, "preload": preload,
             "variables_set": {str(k): v for k, v in applied_env.items()},
             "transport": self.opts.transport, "governors": governors,
+            "inflight": self.opts.inflight if w.mode == "throughput" else 1,
+            **self.threading.record(),
             "python": platform.python_version(), "numabench": __version__,
             "hostname": socket.gethostname(), "kernel": platform.release(),
         }
+
+    def place_coordinator(self) -> Callable[[], None]:
+        """Pin the coordinator off the workers' CPUs (after they started: numactl refuses CPUs
+        outside its parent's affinity); returns the undo."""
+        where = placement.coordinator_placement(self.machine, self.plan.cpus)
+        if where.warning:
+            self.warnings.append(where.warning)
+        self.env_info["coordinator"] = where.record()
+        if where.shares_cpus_with_workers:
+            return lambda: None
+        self.log(f"coordinator pinned to CPUs {list(where.cpus)}")
+        return placement.pin_threads(where.cpus)
 
     def wait_ready(self, coord: Coordinator) -> None:
         ids = {i.id for i in self.plan.instances}
@@ -215,6 +236,8 @@ class _Run:
         n = len(ids)
 
         def show(inst: int, header: dict[str, Any]) -> None:
+            if header["type"] in (protocol.HELLO, protocol.READY):  # start-up as the coordinator saw it
+                self.startup.setdefault(inst, {})[f"{header['type'].lower()}_ns"] = time.monotonic_ns()
             if header["type"] == protocol.HELLO:
                 hello.add(inst)
             self.progress.update(f"loading model: {len(hello)}/{n} started, "
@@ -222,7 +245,12 @@ class _Run:
                                  force=True)
 
         self.ready = coord.wait_for(protocol.READY, ids, self.opts.ready_timeout_s, on_message=show)
-        self.log(f"all {n} instances ready")
+        spawned = min((t["spawned_ns"] for t in self.startup.values() if "spawned_ns" in t), default=None)
+        ready = [t["ready_ns"] for t in self.startup.values() if "ready_ns" in t]
+        if spawned is not None and ready:
+            self.log(f"all {n} instances ready in {(max(ready) - spawned) / 1e9:.2f} s")
+        else:
+            self.log(f"all {n} instances ready")
         for inst in self.plan.instances:
             got = self.ready[inst.id].get("affinity")
             if got is not None and sorted(got) != sorted(inst.cpus):
@@ -244,86 +272,21 @@ class _Run:
 
     # --- measure -------------------------------------------------------------------------
 
-    def inputs(self) -> dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]]:
-        """Per-instance request payloads: random ids from a fixed seed, or real text."""
-        out = {}
-        texts = read_texts(self.workload.text_file) if self.workload.text_file else None
-        for inst in self.plan.instances:
-            if texts:
-                chunk = [texts[(inst.id * inst.batch + k) % len(texts)] for k in range(inst.batch)]
-                out[inst.id] = ({"texts": chunk, "seq": self.workload.seq}, {})
-                continue
-            vocab = int(self.ready[inst.id].get("model_info", {}).get("vocab_size") or 1000)
-            rng = np.random.default_rng(self.workload.seed + inst.id)
-            ids = rng.integers(0, vocab, size=(inst.batch, self.workload.seq), dtype=np.int64)
-            # No attention_mask: random ids have no padding, and a worker reads a missing mask
-            # as all ones; one frame less per request.
-            out[inst.id] = ({}, protocol.prepare_arrays({"input_ids": ids}))
-        return out
-
-    def _limit(self) -> tuple[int | None, int | None]:
-        """(iteration count, deadline ns): iterations default when neither is given."""
-        w = self.workload
-        if w.duration_s is not None:
-            return None, time.monotonic_ns() + int(w.duration_s * 1e9)
-        return (w.iterations or DEFAULT_ITERATIONS), None
-
     def measure(self, coord: Coordinator) -> None:
-        payloads = self.inputs()
-        ids = frozenset(payloads)
-        count, deadline = self._limit()
-        pending: dict[int, tuple[int, int, int, int]] = {}  # req -> (instance, step, batch, sent)
-        batch_of = {i.id: i.batch for i in self.plan.instances}
-        req = 0
-
-        def send(iid: int, step: int) -> None:
-            nonlocal req
-            req += 1
-            head, arrays = payloads[iid]
-            sent = time.monotonic_ns()
-            coord.send(iid, protocol.RUN, {"req": req, "want": "shape", **head}, arrays)
-            pending[req] = (iid, step, batch_of[iid], sent)
-
-        def collect() -> int:
-            iid, head, _ = coord.recv(self.opts.request_timeout_s, watching=ids, what="a RESULT")
-            received = time.monotonic_ns()
-            if head["type"] == protocol.ERROR:
-                raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
-            if head["type"] != protocol.RESULT or head.get("req") not in pending:
-                raise LaunchError(f"instance {iid} sent an unexpected {head['type']} message")
-            inst, step, batch, sent = pending.pop(head["req"])
-            self.samples.append(Sample(inst, step, batch, sent, received, int(head["compute_ns"]),
-                                       int(head["start_ns"])))
-            return inst
-
-        def more(done: int) -> bool:
-            return done < count if count is not None else time.monotonic_ns() < deadline
-
-        self.log(f"measuring ({self.workload.mode} mode)")
+        w, inflight = self.workload, self.opts.inflight
+        vocab = {i: int(r.get("model_info", {}).get("vocab_size") or 1000) for i, r in self.ready.items()}
+        payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab,
+                                 read_texts(w.text_file) if w.text_file else None)
+        self.log(f"measuring ({w.mode} mode, {inflight} in flight per instance)"
+                 if w.mode == "throughput" else f"measuring ({w.mode} mode)")
         self.noise.start()
-        self.window_start_ns = time.monotonic_ns()
-        if self.workload.mode == "split":
-            step = 0
-            while more(step):
-                for iid in sorted(ids):
-                    send(iid, step)
-                while pending:
-                    collect()
-                step += 1
-                self.progress.update(f"measuring: step {step}" + (f"/{count}" if count else ""))
-        else:
-            done = {iid: 0 for iid in ids}
-            for iid in sorted(ids):
-                send(iid, 0)
-            while pending:
-                iid = collect()
-                done[iid] += 1
-                if more(done[iid]):
-                    send(iid, done[iid])
-                if self.progress.enabled:  # the hot path: no formatting when nobody sees it
-                    self.progress.update(f"measuring: {sum(done.values())} requests")
-        self.noise.stop()
-        self.progress.done()
+        try:
+            measure(coord, {i.id: i.batch for i in self.plan.instances}, payloads, w.mode,
+                    Limits(w.iterations, w.duration_s, inflight, self.opts.request_timeout_s),
+                    self.measured, self.progress.update if self.progress.enabled else None)
+        finally:
+            self.noise.stop()
+            self.progress.done()
 
     def stalled(self) -> str:
         """Which instances a measuring timeout waited on: those with the fewest replies (in
@@ -356,6 +319,7 @@ class _Run:
             run_dir=str(self.run_dir), machine=machine_to_dict(self.machine),
             plan=yaml.safe_load(dump_plan(self.plan)), workload=asdict(self.workload),
             environment={**self.env_info, "versions": versions, "noise": self.noise.record(),
+                         "startup": _startup_record(self.startup),
                          **({"backend": self.prepared.record} if self.prepared else {})},
             instances={
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
@@ -365,7 +329,10 @@ class _Run:
                 for i in self.plan.instances},
             window_start_ns=self.window_start_ns, samples=tuple(self.samples), summary=summary,
             warnings=tuple(self.warnings) + summary.warnings + tuple(self.noise.warnings()),
-            repetition=self.repetition)
+            repetition=self.repetition,
+            # requests sent and never answered (a failed or interrupted run)
+            unanswered={k: [getattr(p, k) for p in self.measured.unanswered()]
+                        for k in ("instance", "step", "batch", "sent_ns")})
 
     def save(self, result: RunResult) -> list[Path]:
         paths = [self.run_dir / RESULTS_FILE] + ([Path(self.opts.output)] if self.opts.output else [])
@@ -373,6 +340,19 @@ class _Run:
         for p in paths:
             write_json_atomic(p, doc)
         return paths
+
+
+def _startup_record(startup: dict[int, dict[str, int]]) -> dict[str, Any]:
+    """Per instance: seconds from its spawn to HELLO (interpreter up) and to READY (model loaded,
+    warmed up); and the time from the first spawn to the last READY, the whole start-up."""
+    first = min((t["spawned_ns"] for t in startup.values() if "spawned_ns" in t), default=None)
+    per = {str(i): {k.removesuffix("_ns") + "_s": (t[k] - t["spawned_ns"]) / 1e9
+                    for k in ("hello_ns", "ready_ns") if k in t}
+           for i, t in sorted(startup.items()) if "spawned_ns" in t}
+    ready = [t["ready_ns"] for t in startup.values() if "ready_ns" in t]
+    return {"instances": per,
+            "all_ready_s": (max(ready) - first) / 1e9 if ready and first is not None and len(ready) == len(startup)
+            else None}
 
 
 class _StopSignal(KeyboardInterrupt):
@@ -424,6 +404,8 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
     """
     opts = opts or LaunchOptions()
     check_workload(plan, workload)
+    if opts.inflight < 1:
+        raise NumabenchError(f"--inflight must be at least 1 (got {opts.inflight})")
     check_options(opts)
     if opts.transport not in TRANSPORTS:
         raise NumabenchError(f"unknown transport {opts.transport!r}; use {' or '.join(TRANSPORTS)}")
@@ -449,12 +431,14 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
     # The status starts as a failure and becomes "ok" only on the try's last line: whatever
     # is raised, by whom, the results document cannot claim success.
     status, error, failed = "failed", "the run stopped before it finished", None
+    unpin: Callable[[], None] = lambda: None  # noqa: E731
     with _StopSignals() as stops:
         try:
             with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
                 try:
                     run.prepare_backend()
                     run.spawn(group, coord)
+                    unpin = run.place_coordinator()
                     run.wait_ready(coord)
                     run.sample_memory("ready")
                     if opts.before_measure is not None:
@@ -486,6 +470,7 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
                                       f"{run.run_dir / 'launch.log'}; partial results saved)") from e
                 finally:
                     stops.hold()
+                    unpin()
                     run.progress.done()
                     group.stop(opts.grace_s)
                     release_preparation(run.prepared)

@@ -14,6 +14,7 @@ from typing import Any
 MODES = ("split", "throughput")
 TRANSPORTS = ("ipc", "tcp")
 DEFAULT_ITERATIONS = 20
+DEFAULT_INFLIGHT = 2  # throughput mode: one computing, one waiting: enough to hide the round trip
 DEFAULT_READY_TIMEOUT_S = 600.0
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 RESULTS_FILE = "results.json"
@@ -63,3 +64,6 @@ class LaunchOptions:
     # Called once every instance is READY, just before the clock starts; it may block (a fleet's
     # common start barrier across hosts, numabench.cluster.fleet) or raise NumabenchError to stop.
     before_measure: Callable[[], None] | None = None
+    inflight: int = DEFAULT_INFLIGHT  # throughput mode: requests outstanding per instance
+    omp_runtime: str = "gnu"  # gnu (the framework's own) or intel (libiomp5 preloaded)
+    pin_threads: bool = True  # each OpenMP / ONNX Runtime thread bound to its own CPU

@@ -45,10 +45,12 @@ def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str
 
 def start_instance(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
                    config: WorkerConfig, preload: str | None = None,
-                   base_env: Mapping[str, str] | None = None) -> Started:
-    """Bind and start one worker process in `group` (its log: the group's instance log)."""
+                   base_env: Mapping[str, str] | None = None,
+                   threading: binding.Threading | None = None) -> Started:
+    """Bind and start one worker process in `group` (its log: the group's instance log).
+    `threading`: OpenMP runtime and thread binding (None: thread counts only)."""
     env, warnings, applied = binding.worker_env(dict(os.environ if base_env is None else base_env),
-                                                inst, preload)
+                                                inst, preload, threading)
     argv = binding.bind_prefix(binder, inst) + [
         sys.executable, "-m", "numabench.workers", "--config", config.to_json()]
     proc = group.start(inst.id, argv, env)

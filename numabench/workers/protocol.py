@@ -111,6 +111,35 @@ def encode(msg_type: str, header: dict[str, Any] | None = None,
     return [raw, *prepared.frames]
 
 
+class RequestTemplate:
+    """A message sent many times that differs only in its "req": the header is encoded (and
+    checked) once, each message then costs one bytes concatenation instead of a json.dumps.
+    The bytes are the ones `encode` would give plus a trailing "req" key: the same JSON."""
+
+    def __init__(self, msg_type: str, header: dict[str, Any] | None = None,
+                 arrays: dict[str, np.ndarray] | PreparedArrays | None = None):
+        if header and "req" in header:
+            raise ProtocolError("a template's header must not hold 'req': it is added per message")
+        raw, *self.frames = encode(msg_type, header, arrays)
+        self._prefix = raw[:-1] + b',"req":'  # raw always holds type, v and arrays
+
+    def encode(self, req: int) -> list[Any]:
+        return [b"%s%d}" % (self._prefix, req), *self.frames]
+
+
+def encode_result(req: Any, compute_ns: int, start_ns: int, end_ns: int, output: dict[str, Any]
+                  ) -> list[Any]:
+    """A RESULT without array frames, formatted directly: the same JSON as `encode` gives for
+    it (modulo key order) at a fraction of its cost on the path of every request."""
+    if type(req) is not int or set(output) != {"shape", "dtype"}:
+        return encode(RESULT, {"req": req, "compute_ns": compute_ns, "start_ns": start_ns,
+                               "end_ns": end_ns, "output": output})
+    shape = ",".join(str(int(d)) for d in output["shape"])
+    return [(f'{{"req":{req},"compute_ns":{compute_ns},"start_ns":{start_ns},"end_ns":{end_ns},'
+             f'"output":{{"shape":[{shape}],"dtype":"{output["dtype"]}"}},"type":"RESULT","v":'
+             f'{PROTOCOL_VERSION},"arrays":[]}}').encode()]
+
+
 def decode(frames: Sequence[Any], types: frozenset[str] = MESSAGE_TYPES
            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse [header_json, *array_frames] into (header, arrays). Raises ProtocolError.

@@ -36,7 +36,8 @@ EXIT_INTERRUPTED = 130
 
 WANTS = ("shape", "summary", "outputs")
 INPUT_ARRAYS = ("input_ids", "attention_mask")
-REPORTED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "KMP_AFFINITY", "KMP_BLOCKTIME")
+REPORTED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "KMP_AFFINITY", "KMP_BLOCKTIME",
+                "OMP_PROC_BIND", "OMP_PLACES")
 LINGER_MS = 1000  # long enough for BYE / a fatal ERROR to leave, short enough not to hang exit
 POLL_SLICE_MS = 1000  # how often an idle worker checks that its parent is still there
 
@@ -145,6 +146,25 @@ def framework_versions() -> dict[str, str]:
         if mod is not None:
             versions["pyzmq" if module == "zmq" else module] = getattr(mod, "__version__", "?")
     return versions
+
+
+def thread_cpus(task_dir: str = "/proc/self/task") -> dict[int, list[int]]:
+    """Allowed CPUs of every thread of this process: {tid: [cpus]}."""
+    out: dict[int, list[int]] = {}
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(os.path.join(task_dir, tid, "status")) as f:
+                for line in f:
+                    if line.startswith("Cpus_allowed_list:"):
+                        out[int(tid)] = list(parse_cpulist(line.split(":", 1)[1]))
+                        break
+        except OSError:  # the thread ended while we read
+            continue
+    return out
 
 
 # ---- the worker ----
@@ -260,13 +280,18 @@ class Worker:
                 self.backend.run({"input_ids": ids, "attention_mask": mask})
         warmup_ns = time.monotonic_ns() - t1
 
-        affinity = sorted(os.sched_getaffinity(0))
+        # The process's CPUs are the union over its threads: an OpenMP runtime told to bind
+        # (OMP_PLACES, KMP_AFFINITY) narrows the main thread to one CPU of the instance.
+        per_thread = thread_cpus()
+        affinity = sorted({c for cpus in per_thread.values() for c in cpus}) or sorted(os.sched_getaffinity(0))
         if cfg.cpus is not None and affinity != list(cfg.cpus):
             log.warning("affinity %s differs from the expected CPUs %s", affinity, list(cfg.cpus))
         return {
             "instance": cfg.instance,
             "pid": os.getpid(),
             "affinity": affinity,
+            # CPUs each OS thread may run on, main thread first: shows whether threads are bound.
+            "thread_cpus": [per_thread[t] for t in sorted(per_thread, key=lambda t: (t != os.getpid(), t))],
             "mems_allowed": read_mems_allowed(),
             "mempolicy": read_mempolicy(),
             "threads": info.get("threads"),
@@ -340,6 +365,8 @@ class Worker:
             # LayerNorm outputs sum to ~0 per token, so the plain sum barely tells models
             # apart; the sum of magnitudes does.
             output["abs_sum"] = abs_sum if math.isfinite(abs_sum) else None
+        if want == "shape":  # the timed path: formatted, not json.dumps'd (see docs/protocol.md)
+            return self._protocol.encode_result(head.get("req"), end_ns - start_ns, start_ns, end_ns, output)
         header = {"req": head.get("req"), "compute_ns": end_ns - start_ns, "start_ns": start_ns,
                   "end_ns": end_ns, "output": output}
         out_arrays = {"output": out.astype(np.float32, copy=False)} if want == "outputs" else None

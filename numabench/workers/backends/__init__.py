@@ -42,7 +42,8 @@ BACKEND_OPTIONS: Mapping[str, Mapping[str, type]] = {
     "noop": {"compute_ns": int, "spin": bool},
     # model_path: the prepared ONNX file (set by the launcher); cache_dir: where to export to
     # when there is none; opt_level: ONNX Runtime's graph optimization level.
-    "onnxruntime": {"model_path": str, "cache_dir": str, "opt_level": str},
+    # pin_threads: bind each intra-op thread to its own CPU of the instance (set by the launcher).
+    "onnxruntime": {"model_path": str, "cache_dir": str, "opt_level": str, "pin_threads": bool},
 }
 OPTION_CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("onnxruntime", "opt_level"): ORT_OPT_LEVELS,

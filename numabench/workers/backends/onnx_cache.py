@@ -219,7 +219,7 @@ def _tmp(path: Path) -> Path:
 # ---- checking an entry ----
 
 def ort_session(path: Path | str, threads: int = 1, opt_level: str = "all",
-                affinity_cpus: list[int] | None = None):
+                affinity_cpus: list[int] | None = None, pin_threads: bool = False):
     """An ONNX Runtime CPU session with numabench's settings (shared by the backend and checks)."""
     import onnxruntime as ort
 
@@ -236,9 +236,14 @@ def ort_session(path: Path | str, threads: int = 1, opt_level: str = "all",
     if affinity_cpus and threads > 1:
         # ORT places the threads it creates (all but the calling one) itself when told to; give
         # each the instance's whole CPU set so none can leave it. Ids are 1-based in this entry.
-        cpus = ",".join(str(c + 1) for c in sorted(affinity_cpus))
-        so.add_session_config_entry("session.intra_op_thread_affinities",
-                                    ";".join([cpus] * (threads - 1)))
+        cpus = sorted(affinity_cpus)
+        if pin_threads and threads == len(cpus):
+            # One CPU per thread: ORT's thread k on the instance's CPU k; the calling thread
+            # (not ORT's to place) keeps the first CPU to itself.
+            per_thread = [str(c + 1) for c in cpus[1:]]
+        else:
+            per_thread = [",".join(str(c + 1) for c in cpus)] * (threads - 1)
+        so.add_session_config_entry("session.intra_op_thread_affinities", ";".join(per_thread))
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

@@ -5,7 +5,8 @@ The launcher exports (or reuses) the model once per run and passes its path as t
 Session: intra-op threads = the instance's threads, inter-op threads = 1, sequential execution,
 graph optimization level from the option "opt_level" (default "all"). ONNX Runtime may pin its
 own pool threads; they are told to stay on the instance's CPUs (the process affinity, set before
-this module is imported), and `info` reports every thread's allowed CPUs so a test can check it.
+this module is imported) or, with the option "pin_threads" (the launcher's --pin-threads), each
+on its own CPU; `info` reports every thread's allowed CPUs so a test can check it.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class OnnxRuntimeBackend(Backend):
         self.spec: Any = None
         self.path: Path | None = None
         self.opt_level = "all"
+        self.pin_threads = False
         self.threads = 1
         self.cpus: list[int] = []
         self.prepared: dict[str, Any] | None = None
@@ -64,7 +66,9 @@ class OnnxRuntimeBackend(Backend):
             path = prepared.path
         self.path = Path(path)
         self.cpus = sorted(os.sched_getaffinity(0))
-        self.session = onnx_cache.ort_session(self.path, threads, self.opt_level, self.cpus)
+        self.pin_threads = bool(options.get("pin_threads", False))
+        self.session = onnx_cache.ort_session(self.path, threads, self.opt_level, self.cpus,
+                                              self.pin_threads)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
 
     def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -96,6 +100,7 @@ class OnnxRuntimeBackend(Backend):
             "model_path": str(self.path),
             "file_bytes": self.path.stat().st_size,
             "opt_level": self.opt_level,
+            "pin_threads": self.pin_threads,
             "providers": self.session.get_providers(),
             "onnxruntime": ort.__version__,
             "prepared_in_worker": self.prepared,

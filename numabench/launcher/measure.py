@@ -1,0 +1,184 @@
+"""The measuring loops of `launch`: send requests, collect replies, keep every raw timing.
+
+Pipelined, credit-based dispatch (throughput mode): each instance has at most `inflight`
+requests outstanding, and the coordinator tops it up the moment a reply arrives, so the worker
+always finds its next input already queued and computes back to back instead of idling for a
+round trip. Queueing is never hidden: every sample keeps `sent_ns` (coordinator) and the
+worker's `start_ns` and `compute_ns`, so time spent waiting inside the worker
+(start_ns - sent_ns) is reported apart from compute.
+
+`split` mode keeps its step semantics: a step's shards are sent together and the step ends at
+its last reply; nothing of the next step is sent early (that would change what a step means).
+
+The coordinator-like object needs `send_frames(instance, frames)` and
+`recv(timeout_s, watching=, what=)` -> (instance, header, arrays); see coordinator.py. Each
+instance's RUN is encoded once (protocol.RequestTemplate); a request then costs a bytes join.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from numabench.errors import LaunchError
+from numabench.launcher.coordinator import WorkerFailed
+from numabench.launcher.options import DEFAULT_INFLIGHT, DEFAULT_ITERATIONS
+from numabench.results import Sample
+from numabench.workers import protocol
+
+Payload = tuple[dict[str, Any], Any]  # (header extras, arrays or PreparedArrays)
+
+
+class Channel(Protocol):
+    def send_frames(self, instance: int, frames: list[Any]) -> None: ...
+
+    def recv(self, timeout_s: float, watching: frozenset[int] | None = None,
+             what: str = "a reply") -> tuple[int, dict[str, Any], dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When to stop sending. `iterations`: steps (split) or requests per instance (throughput);
+    `duration_s`: stop sending after this long, still collecting every reply in flight."""
+
+    iterations: int | None = None
+    duration_s: float | None = None
+    inflight: int = DEFAULT_INFLIGHT
+    request_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.inflight < 1:
+            raise ValueError(f"inflight must be at least 1 (got {self.inflight})")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request sent and not answered (yet): what a failed run had in flight."""
+
+    instance: int
+    step: int
+    batch: int
+    sent_ns: int
+
+
+class Measurement:
+    """The loop's state: answered samples and requests still in flight, readable at any time
+    (a run that fails midway saves both)."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.pending: dict[int, Pending] = {}  # req -> request
+        self.window_start_ns: int | None = None
+        self._req = 0
+
+    def unanswered(self) -> list[Pending]:
+        return sorted(self.pending.values(), key=lambda p: (p.instance, p.step))
+
+    def in_flight(self, instance: int) -> int:
+        return sum(1 for p in self.pending.values() if p.instance == instance)
+
+
+def make_payloads(instances: Sequence[Any], seq: int, seed: int, vocab: Mapping[int, int],
+                  texts: list[str] | None = None) -> dict[int, Payload]:
+    """Per-instance request payloads: random ids from a fixed seed, or real text."""
+    out: dict[int, Payload] = {}
+    for inst in instances:
+        if texts:
+            chunk = [texts[(inst.id * inst.batch + k) % len(texts)] for k in range(inst.batch)]
+            out[inst.id] = ({"texts": chunk, "seq": seq}, {})
+            continue
+        rng = np.random.default_rng(seed + inst.id)
+        ids = rng.integers(0, vocab.get(inst.id, 1000), size=(inst.batch, seq), dtype=np.int64)
+        # No attention_mask: random ids have no padding, and a worker reads a missing mask
+        # as all ones; one frame less per request.
+        out[inst.id] = ({}, protocol.prepare_arrays({"input_ids": ids}))
+    return out
+
+
+def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int, Payload],
+            mode: str, limits: Limits, state: Measurement | None = None,
+            on_progress: Callable[[str], None] | None = None) -> Measurement:
+    """Drive one workload; returns (and fills, as it goes) `state`.
+
+    `batches`: instance id -> its batch. On a WorkerFailed the failure is re-raised with the
+    number of requests that instance still had in flight; `state.pending` keeps them all.
+    """
+    m = state if state is not None else Measurement()
+    ids = frozenset(payloads)
+    order = sorted(ids)
+    count = limits.iterations if limits.iterations is not None or limits.duration_s is not None \
+        else DEFAULT_ITERATIONS
+    templates = {iid: protocol.RequestTemplate(protocol.RUN, {"want": "shape", **payloads[iid][0]},
+                                               payloads[iid][1]) for iid in ids}
+    pending = m.pending
+
+    def send(iid: int, step: int) -> None:
+        m._req += 1
+        req = m._req
+        frames = templates[iid].encode(req)
+        sent = time.monotonic_ns()
+        channel.send_frames(iid, frames)
+        pending[req] = Pending(iid, step, batches[iid], sent)
+
+    def collect() -> int:
+        iid, head, _ = channel.recv(limits.request_timeout_s, watching=ids, what="a RESULT")
+        received = time.monotonic_ns()
+        kind = head["type"]
+        if kind == protocol.ERROR:
+            raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
+        p = pending.pop(head.get("req"), None) if kind == protocol.RESULT else None
+        if p is None:
+            raise LaunchError(f"instance {iid} sent an unexpected {kind} message")
+        m.samples.append(Sample(p.instance, p.step, p.batch, p.sent_ns, received,
+                                int(head["compute_ns"]), int(head["start_ns"])))
+        return p.instance
+
+    m.window_start_ns = time.monotonic_ns()
+    deadline = (m.window_start_ns + int(limits.duration_s * 1e9)
+                if limits.duration_s is not None else None)
+
+    def more(done: int) -> bool:
+        return done < count if count is not None else time.monotonic_ns() < deadline
+
+    try:
+        if mode == "split":
+            step = 0
+            while more(step):
+                for iid in order:
+                    send(iid, step)
+                while pending:
+                    collect()
+                step += 1
+                if on_progress:
+                    on_progress(f"measuring: step {step}" + (f"/{count}" if count else ""))
+        else:
+            sent = dict.fromkeys(order, 0)
+            # Fill every instance's credits first, round-robin, so all start together.
+            for _ in range(limits.inflight):
+                for iid in order:
+                    if more(sent[iid]):
+                        send(iid, sent[iid])
+                        sent[iid] += 1
+            done = 0
+            while pending:
+                iid = collect()
+                done += 1
+                if more(sent[iid]):  # a credit came back: the worker's next input, at once
+                    send(iid, sent[iid])
+                    sent[iid] += 1
+                if on_progress:
+                    on_progress(f"measuring: {done} requests")
+    except WorkerFailed as e:
+        left = m.in_flight(e.instance)
+        if left:
+            raise WorkerFailed(e.instance, _with_unanswered(str(e), left)) from None
+        raise
+    return m
+
+
+def _with_unanswered(message: str, left: int) -> str:
+    first, sep, rest = message.partition("\n")
+    return f"{first} ({left} request{'s' if left != 1 else ''} in flight to it unanswered){sep}{rest}"

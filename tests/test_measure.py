@@ -1,0 +1,124 @@
+"""The measuring loop (launcher/measure.py) against a scripted channel: credits, limits, failures."""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import pytest
+
+from numabench.launcher.coordinator import WorkerFailed
+from numabench.launcher.measure import Limits, Measurement, make_payloads, measure
+from numabench.plans.model import InstancePlan
+from numabench.workers import protocol
+
+
+class ScriptedWorkers:
+    """Stands in for the coordinator: each instance queues what it is sent and answers in order,
+    one reply per recv, instances taking turns. Counts what is outstanding at the worker side."""
+
+    def __init__(self, die: dict[int, int] | None = None):
+        self.queues: dict[int, deque] = {}
+        self.max_queued: dict[int, int] = {}
+        self.sent: dict[int, int] = {}
+        self.die = die or {}  # instance -> after how many replies it dies
+        self.replied: dict[int, int] = {}
+        self.turn = 0
+        self.headers: list[dict] = []
+
+    def send_frames(self, instance, frames):
+        header, _ = protocol.decode(frames)  # what a worker would read
+        assert header["type"] == protocol.RUN
+        self.headers.append(header)
+        q = self.queues.setdefault(instance, deque())
+        q.append(header["req"])
+        self.sent[instance] = self.sent.get(instance, 0) + 1
+        self.max_queued[instance] = max(self.max_queued.get(instance, 0), len(q))
+
+    def recv(self, timeout_s, watching=None, what="a reply"):
+        busy = sorted(i for i, q in self.queues.items() if q)
+        assert busy, "recv with nothing in flight would hang"
+        iid = busy[self.turn % len(busy)]
+        self.turn += 1
+        if iid in self.die and self.replied.get(iid, 0) >= self.die[iid]:
+            raise WorkerFailed(iid, f"instance {iid} killed by SIGKILL\n--- last lines ---\n(log)")
+        req = self.queues[iid].popleft()
+        self.replied[iid] = self.replied.get(iid, 0) + 1
+        now = time.monotonic_ns()
+        return iid, {"type": protocol.RESULT, "req": req, "compute_ns": 1000, "start_ns": now}, {}
+
+
+PAYLOADS = {0: ({}, {}), 1: ({}, {})}
+BATCHES = {0: 2, 1: 3}
+
+
+@pytest.mark.parametrize("inflight", [1, 2, 4])
+def test_throughput_keeps_exactly_the_credits_in_flight(inflight):
+    w = ScriptedWorkers()
+    m = measure(w, BATCHES, PAYLOADS, "throughput", Limits(iterations=10, inflight=inflight))
+    # Never more than the credits outstanding at a worker, and the credits are used.
+    assert w.max_queued == {0: inflight, 1: inflight}
+    assert w.sent == {0: 10, 1: 10}
+    assert not m.pending
+    for iid in (0, 1):
+        mine = sorted(s.step for s in m.samples if s.instance == iid)
+        assert mine == list(range(10))
+        assert all(s.batch == BATCHES[iid] for s in m.samples if s.instance == iid)
+    # Every request has its own id, and the timed runs ask for no checksums.
+    assert len({h["req"] for h in w.headers}) == 20 and {h["want"] for h in w.headers} == {"shape"}
+
+
+def test_credits_beyond_the_iterations_are_not_sent():
+    w = ScriptedWorkers()
+    measure(w, BATCHES, PAYLOADS, "throughput", Limits(iterations=2, inflight=5))
+    assert w.sent == {0: 2, 1: 2} and w.max_queued == {0: 2, 1: 2}
+
+
+def test_split_sends_one_shard_per_instance_per_step():
+    w = ScriptedWorkers()
+    m = measure(w, BATCHES, PAYLOADS, "split", Limits(iterations=4, inflight=3))
+    assert w.max_queued == {0: 1, 1: 1}  # a step is one shard each, whatever --inflight says
+    steps = {}
+    for s in m.samples:
+        steps.setdefault(s.step, set()).add(s.instance)
+    assert steps == {k: {0, 1} for k in range(4)}
+
+
+def test_duration_stops_sending_but_collects_everything_in_flight():
+    w = ScriptedWorkers()
+    m = measure(w, BATCHES, PAYLOADS, "throughput", Limits(duration_s=0.05, inflight=3))
+    assert not m.pending  # every request sent was answered and kept
+    assert len(m.samples) == sum(w.sent.values())
+    assert max(w.max_queued.values()) <= 3
+
+
+def test_a_dead_worker_is_named_with_its_unanswered_requests():
+    w = ScriptedWorkers(die={1: 3})
+    m = Measurement()
+    with pytest.raises(WorkerFailed) as info:
+        measure(w, BATCHES, PAYLOADS, "throughput", Limits(iterations=50, inflight=3), state=m)
+    e = info.value
+    assert e.instance == 1
+    first = str(e).splitlines()[0]
+    assert first.startswith("instance 1 killed by SIGKILL") and "3 requests in flight to it unanswered" in first
+    assert "--- last lines ---" in str(e)  # the log tail is kept
+    # Accounting: every request sent is either a sample or unanswered, none lost or doubled.
+    for iid in (0, 1):
+        answered = [s.step for s in m.samples if s.instance == iid]
+        unanswered = [p.step for p in m.unanswered() if p.instance == iid]
+        assert sorted(answered + unanswered) == list(range(w.sent[iid]))
+    assert [p.step for p in m.unanswered() if p.instance == 1] == [3, 4, 5]
+
+
+def test_inflight_must_be_positive():
+    with pytest.raises(ValueError):
+        Limits(inflight=0)
+
+
+def test_payloads_are_seeded_per_instance_and_inside_the_vocabulary():
+    insts = [InstancePlan(0, (0,), (), 1, 2), InstancePlan(1, (1,), (), 1, 3)]
+    a = make_payloads(insts, seq=16, seed=7, vocab={0: 50, 1: 50})
+    b = make_payloads(insts, seq=16, seed=7, vocab={0: 50, 1: 50})
+    assert a[0][1].frames[0].tobytes() == b[0][1].frames[0].tobytes()
+    assert a[0][1].specs[0]["shape"] == [2, 16] and a[1][1].specs[0]["shape"] == [3, 16]
+    texts = make_payloads(insts, seq=8, seed=0, vocab={}, texts=["x", "y"])
+    assert texts[1][0] == {"texts": ["y", "x", "y"], "seq": 8}
