@@ -8,7 +8,7 @@ PY      = $(VENV)/bin/python
 TORCH       ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 TORCH_INDEX ?=
-EXTRAS      ?= test,onnx,minilm,plots,serve
+EXTRAS      ?= test,onnx,minilm,plots,serve,ray
 
 .PHONY: install demo test lint wheel-check clean
 

@@ -162,3 +162,14 @@ def test_encode_result_matches_encode(req, output):
     ref = p.decode(p.encode(p.RESULT, {"req": req, "compute_ns": 10, "start_ns": 20, "end_ns": 30,
                                        "output": output}))[0]
     assert fast == ref
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"type": ["RUN"], "v": 1, "arrays": []}',         # unhashable type
+    b'{"type": {"a": 1}, "v": 1, "arrays": []}',
+    b'{"type": "RUN", "v": 1, "req": ' + b"9" * 5000 + b', "arrays": []}',  # int-digit limit
+    b'{"type": "RUN", "v": 1, "arrays": [{"name": "x", "dtype": ["int64"], "shape": [1]}]}',
+])
+def test_decode_turns_every_malformed_header_into_a_protocol_error(raw):
+    with pytest.raises(p.ProtocolError):
+        p.decode([raw] + ([b"\0" * 8] if b'"name"' in raw else []))

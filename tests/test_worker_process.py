@@ -289,3 +289,41 @@ def test_worker_dies_with_its_parent(coord, tmp_path):
         if middle.poll() is None:
             middle.kill()
         middle.stdout.close()
+
+
+def test_worker_whose_launcher_is_already_gone_exits_orphaned():
+    """A worker started after its launcher died has an adoptive parent (init or a subreaper):
+    the launcher's pid in its environment tells it, and it exits at once instead of waiting."""
+    config = json.dumps({"instance": 0, "endpoint": "ipc:///nonexistent/x.sock", "model": "bert-tiny",
+                         "backend": "noop"})
+    env = {**os.environ, "NUMABENCH_PARENT_PID": "1"}  # not this test's pid: the launcher "died"
+    r = subprocess.run([sys.executable, "-m", "numabench.workers", "--config", config],
+                       env=env, capture_output=True, timeout=60)
+    assert r.returncode == w.EXIT_ORPHANED
+
+
+def test_process_group_holds_stop_signals_only_while_it_forks(tmp_path):
+    """The group blocks SIGINT/SIGTERM/SIGHUP around the fork (a signal then cannot leave an
+    unregistered child); the launcher's mask is restored and the worker takes the signals back."""
+    from numabench.launcher.procs import ProcessGroup
+
+    def blocked(pid):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigBlk:"):
+                mask = int(line.split()[1], 16)
+                return {s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if mask >> (s - 1) & 1}
+        return set()
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    config = json.dumps({"instance": 0, "endpoint": f"ipc://{tmp_path}/none.sock", "model": "bert-tiny",
+                         "backend": "noop", "timeout_s": 120})
+    with ProcessGroup(tmp_path) as group:
+        proc = group.start(0, [sys.executable, "-m", "numabench.workers", "--config", config],
+                           dict(os.environ))
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+        deadline = time.monotonic() + 60
+        while blocked(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None and not blocked(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) in (-signal.SIGTERM, w.EXIT_INTERRUPTED, 143)

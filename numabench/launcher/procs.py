@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+# The launcher's pid, for a worker to tell a live parent from an adoptive one (init, a subreaper):
+# a worker started just after its launcher died would otherwise wait for requests forever.
+PARENT_ENV = "NUMABENCH_PARENT_PID"
+
+
 @dataclass(frozen=True)
 class Exited:
     instance: int
@@ -50,9 +56,17 @@ class ProcessGroup:
         log.write(("$ " + " ".join(argv) + "\n").encode())
         log.flush()
         self._logs[instance] = log
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[instance] = proc
+        # A stop signal landing inside Popen, after the fork, would leave a child this group
+        # does not know and so never stops: hold the signals until the child is registered.
+        # The child inherits the mask; the worker unblocks them first thing (workers/worker.py).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            proc = subprocess.Popen(argv, env={**env, PARENT_ENV: str(os.getpid())},
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            self.procs[instance] = proc
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return proc
 
     def exited(self) -> list[Exited]:

@@ -153,9 +153,10 @@ def decode(frames: Sequence[Any], types: frozenset[str] = MESSAGE_TYPES
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         head = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError covers JSONDecodeError, bad UTF-8 and Python's int-digit limit (a 5000-digit number)
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(f"header is not JSON: {str(e)[:200]}") from None
-    if not isinstance(head, dict) or head.get("type") not in types:
+    if not isinstance(head, dict) or not isinstance(head.get("type"), str) or head["type"] not in types:
         raise ProtocolError(f"header has no known 'type': {str(head)[:200]}")
     if head.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {head.get('v')!r}, this side speaks {PROTOCOL_VERSION}")

@@ -419,10 +419,13 @@ def _setup_logging(instance: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The launcher holds stop signals while it forks us (launcher/procs.py); take them again.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     parent_pid = os.getppid()
     set_parent_death_signal()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        return EXIT_ORPHANED
+    expected = os.environ.get("NUMABENCH_PARENT_PID")  # launcher/procs.py PARENT_ENV
+    if os.getppid() != parent_pid or (expected is not None and expected != str(parent_pid)):
+        return EXIT_ORPHANED  # the launcher died before prctl took effect, or before we started
     args = parse_args(argv)
     _setup_logging("?")
     raw: Any = None
