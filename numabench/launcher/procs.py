@@ -14,7 +14,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-
 HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # The launcher's pid, for a worker to tell a live parent from an adoptive one (init, a subreaper):
 # a worker started just after its launcher died would otherwise wait for requests forever.
