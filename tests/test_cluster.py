@@ -268,7 +268,7 @@ def test_serve_routes_across_hosts_sheds_load_and_survives_a_host(cluster, tmp_p
             box["error"] = e
             started.set()
 
-    t = threading.Thread(target=serve)
+    t = threading.Thread(target=serve, daemon=True)  # a failed test must not hang pytest
     t.start()
     try:
         assert started.wait(120) and "error" not in box, box

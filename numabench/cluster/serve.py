@@ -196,6 +196,14 @@ class FrontEnd:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, opts.max_request_bytes)
+        self.sock.setsockopt(zmq.SNDHWM, opts.send_hwm)  # a client that never reads stays bounded
+        self.authenticator = None
+        if bind.startswith("tcp://"):  # the same CURVE keys as a local daemon (daemon/auth.py)
+            from numabench.daemon import auth
+
+            keys = auth.ensure_keys()
+            self.authenticator = auth.start_authenticator(self.ctx, keys)
+            auth.secure_server(self.sock, keys)
         if bind.startswith("tcp://") and bind.endswith(":0"):
             bind = f"{bind[:-2]}:{self.sock.bind_to_random_port(bind[:-2])}"
         else:
@@ -206,6 +214,8 @@ class FrontEnd:
 
     def close(self) -> None:
         self.sock.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.term()
 
     def loads(self) -> list[HostLoad]:
