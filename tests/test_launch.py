@@ -330,20 +330,21 @@ def test_a_killed_worker_with_queued_requests_is_named_and_its_requests_accounte
 
 @TWO_CPUS
 def test_coordinator_placement_is_recorded_and_restored(tmp_path):
-    from numabench.launcher.launch import LaunchOptions, Workload, plan_for_launch, run_launch
+    from numabench.launcher.launch import LaunchOptions, Workload, run_launch
+    from numabench.plans import plan_for_launch
     from numabench.topology import read_machine
 
     machine = read_machine("/")
     before = os.sched_getaffinity(0)
     workload = Workload(model="bert-tiny", backend="noop", seq=8, mode="throughput", iterations=3, warmup=1)
     one = plan_for_launch(machine, cpus=(USABLE[0],), batch=1)
-    doc = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "one", progress=False))
+    doc = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "one", progress=False)).to_dict()
     where = doc["environment"]["coordinator"]
     assert where["pinned"] is True and USABLE[0] not in where["cpus"] and where["cpus"]
     assert "coordinator pinned to CPUs" in (tmp_path / "one" / "launch.log").read_text()
     assert os.sched_getaffinity(0) == before  # given back after the run
     every = plan_for_launch(machine, instances=len(USABLE), batch=len(USABLE))
-    doc = run_launch(machine, every, workload, LaunchOptions(run_dir=tmp_path / "all", progress=False))
+    doc = run_launch(machine, every, workload, LaunchOptions(run_dir=tmp_path / "all", progress=False)).to_dict()
     assert doc["environment"]["coordinator"]["shares_cpus_with_workers"] is True
     assert any("every usable CPU runs a worker" in w for w in doc["warnings"])
     assert os.sched_getaffinity(0) == before
