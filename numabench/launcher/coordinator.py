@@ -34,26 +34,31 @@ class Coordinator:
                  ipc_dir: str | None = None, handover: bool = False):
         """`ipc_dir`: where the private socket folder goes (default the temp folder);
         `handover`: a restarted worker (same identity) takes its predecessor's place (serve)."""
+        if transport not in ("ipc", "tcp"):
+            raise LaunchError(f"unknown transport {transport!r}; use ipc or tcp")
         self.group = group
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        # Unroutable sends raise instead of vanishing: a message to a dead worker is an error.
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if handover:
-            self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._tmp = None
-        if transport == "ipc":
-            # A private folder (0700) so no other user can connect to the socket.
-            self._tmp = (tempfile.mkdtemp(prefix="c", dir=ipc_dir) if ipc_dir
-                         else tempfile.mkdtemp(prefix="numabench-"))
-            self.endpoint = f"ipc://{self._tmp}/coord.sock"
-            self.sock.bind(self.endpoint)
-        elif transport == "tcp":
-            port = self.sock.bind_to_random_port(f"tcp://{host}")
-            self.endpoint = f"tcp://{host}:{port}"
-        else:
-            raise LaunchError(f"unknown transport {transport!r}; use ipc or tcp")
+        try:
+            self.sock.setsockopt(zmq.LINGER, 0)
+            # Unroutable sends raise instead of vanishing: a message to a dead worker is an error.
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if handover:
+                self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if transport == "ipc":
+                # A private folder (0700) so no other user can connect to the socket.
+                self._tmp = (tempfile.mkdtemp(prefix="c", dir=ipc_dir) if ipc_dir
+                             else tempfile.mkdtemp(prefix="numabench-"))
+                self.endpoint = f"ipc://{self._tmp}/coord.sock"
+                self.sock.bind(self.endpoint)
+            else:
+                port = self.sock.bind_to_random_port(f"tcp://{host}")
+                self.endpoint = f"tcp://{host}:{port}"
+        except BaseException:
+            # A context left open with its socket can hang the garbage collector in term().
+            self.close()
+            raise
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_alive_check = 0.0
