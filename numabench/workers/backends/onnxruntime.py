@@ -20,23 +20,6 @@ import numpy as np
 from numabench.workers.backends import Backend, check_options, onnx_cache
 
 
-def thread_affinities(task_dir: str = "/proc/self/task") -> dict[int, list[int]]:
-    """Allowed CPUs of every thread of this process: {tid: [cpus]} (Cpus_allowed_list)."""
-    from numabench.topology.cpulist import parse_cpulist
-
-    out: dict[int, list[int]] = {}
-    for tid in os.listdir(task_dir):
-        try:
-            with open(os.path.join(task_dir, tid, "status")) as f:
-                for line in f:
-                    if line.startswith("Cpus_allowed_list:"):
-                        out[int(tid)] = list(parse_cpulist(line.split(":", 1)[1]))
-                        break
-        except OSError:  # the thread ended while we read
-            continue
-    return out
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -85,7 +68,9 @@ class OnnxRuntimeBackend(Backend):
         so = self.session.get_session_options()
         spec = self.spec
         config = dict(spec.config or {}) if spec.config else {}
-        tasks = thread_affinities()
+        from numabench.workers.worker import thread_cpus
+
+        tasks = thread_cpus()
         allowed = sorted({c for cpus in tasks.values() for c in cpus})
         return {
             "threads": so.intra_op_num_threads,
