@@ -8,10 +8,12 @@ document) with the permissions the user's umask gives any new file, not mkstemp'
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,28 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     if not os.access(probe, os.W_OK | os.X_OK):
         raise NumabenchError(f"{what} {p}: no permission to write in {probe}")
     return p
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (the weights and ONNX caches check entries by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing) for the duration: one process at a time
+    builds a cache entry."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -33,12 +33,12 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
-from numabench.fileio import write_json_atomic
+from numabench.fileio import file_sha256, locked, write_json_atomic
 from numabench.workers.backends import ORT_OPT_LEVELS as OPT_LEVELS
 
 CACHE_FORMAT = 1
@@ -192,24 +192,6 @@ def _entry(folder: Path, spec: Any, precision: str, digest: str) -> _Entry:
     return _Entry(folder, f"{name}-{precision}-{digest}")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _tmp(path: Path) -> Path:
@@ -419,7 +401,7 @@ def prepare_onnx(spec: Any, precision: str = "fp32", cache_dir: str | os.PathLik
     key = cache_key(spec, precision, seed)
     digest = key_digest(key)
     entry = _entry(folder, spec, precision, digest)
-    with _locked(entry.lock):
+    with locked(entry.lock):
         reason, agreement, sha = None, None, ""
         present = entry.model.exists() or entry.sidecar.exists() or entry.check.exists()
         if present:

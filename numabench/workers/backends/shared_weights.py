@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
+from numabench.fileio import file_sha256, locked
 
 WEIGHTS_FORMAT = 1
 ALIGN = 64  # tensor data starts on a cache line when the tensors before it are multiples of 64 B
@@ -138,24 +139,6 @@ def _stem(spec: Any, digest: str) -> str:
     return f"{name}-fp32-{digest}"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _aligned_safetensors(data: bytes) -> bytes:
@@ -243,7 +226,7 @@ def prepare_cache_entry(spec: Any, seed: int, cache_dir: str | os.PathLike | Non
     digest = _key_digest(key)
     stem = _stem(spec, digest)
     path, sidecar = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    with _locked(folder / f"{stem}.lock"):
+    with locked(folder / f"{stem}.lock"):
         present = path.exists() or sidecar.exists()
         reason = None
         if present:
@@ -426,7 +409,7 @@ def prepare_shared_weights(spec: Any, seed: int, node_sets: Iterable[Sequence[in
     # Kept copies are shared between runs: one writer at a time (the lock lives with the cache,
     # so nothing is left on tmpfs).
     try:
-        with _locked(entry.path.with_suffix(".copies.lock")):
+        with locked(entry.path.with_suffix(".copies.lock")):
             for c in copies:
                 status = "written"
                 if not c.per_run and c.path.is_file():
