@@ -156,6 +156,15 @@ def test_malformed_requests_get_errors_and_serving_continues(two_pools):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(two_pools.endpoint)
+    try:
+        _malformed_requests(sock)
+    finally:  # a context left open with its socket hangs the garbage collector later
+        sock.close(0)
+        ctx.term()
+    assert two_pools.proc.poll() is None
+
+
+def _malformed_requests(sock):
 
     def ask(frames):
         sock.send_multipart(frames)
@@ -187,9 +196,6 @@ def test_malformed_requests_get_errors_and_serving_continues(two_pools):
         assert head["status"] == "error" and head["reason"], head
     ok = ask(wire.encode(wire.INFER, {"id": "fine"}, {"input_ids": np.ones((1, 4), np.int64)}))
     assert ok["status"] == "ok" and ok["id"] == "fine"
-    sock.close()
-    ctx.term()
-    assert two_pools.proc.poll() is None
 
 
 def test_status_cli_json_and_metrics(two_pools):
