@@ -118,22 +118,8 @@ class _ExperimentReader(YamlReader):
 
     def axis(self, node, path: str, read, *, auto: bool = False):
         """One value or a list of values (each read by `read`); "auto" where allowed."""
-        if auto and isinstance(node, yaml.ScalarNode) and node.value == AUTO:
-            return AUTO
-        if isinstance(node, yaml.SequenceNode):
-            if not node.value:
-                raise self.fail(path, "an empty list gives no points; give at least one value")
-            values = []
-            for k, item in enumerate(node.value):
-                self.lines[f"{path}[{k}]"] = item.start_mark.line + 1
-                value = read(item, f"{path}[{k}]")
-                if value in values:
-                    raise self.fail(f"{path}[{k}]", f"{value!r} is listed twice")
-                values.append(value)
-            return tuple(values)
-        if isinstance(node, yaml.MappingNode):
-            raise self.fail(path, f"expected a value or a list of values, got {describe_node(node)}")
-        return (read(node, path),)
+        return super().axis(node, path, read, auto=auto,
+                            empty="an empty list gives no points; give at least one value")
 
     def positive(self, node, path: str) -> int:
         return self.integer(node, path, minimum=1)

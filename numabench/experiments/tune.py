@@ -40,7 +40,7 @@ import yaml
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError, PlanError
 from numabench.plans.model import Plan, PlanSource
-from numabench.plans.yamlio import YamlReader, compose, describe_node, read_yaml_file, type_name
+from numabench.plans.yamlio import YamlReader, compose, read_yaml_file, type_name
 from numabench.results import write_json_atomic
 from numabench.topology.model import Machine
 
@@ -856,22 +856,8 @@ class _TuneReader(YamlReader):
         return value
 
     def axis(self, node, path: str, read, auto: bool = False):
-        if auto and isinstance(node, yaml.ScalarNode) and node.value == "auto":
-            return "auto"
-        if isinstance(node, yaml.SequenceNode):
-            if not node.value:
-                raise self.fail(path, "an empty list leaves nothing to search; give at least one value")
-            out = []
-            for k, item in enumerate(node.value):
-                self.lines[f"{path}[{k}]"] = item.start_mark.line + 1
-                value = read(item, f"{path}[{k}]")
-                if value in out:
-                    raise self.fail(f"{path}[{k}]", f"{value!r} is listed twice")
-                out.append(value)
-            return tuple(out)
-        if isinstance(node, yaml.MappingNode):
-            raise self.fail(path, f"expected a value or a list of values, got {describe_node(node)}")
-        return (read(node, path),)
+        return super().axis(node, path, read, auto=auto,
+                            empty="an empty list leaves nothing to search; give at least one value")
 
     def number(self, node, path: str, *, low: float = 0.0, high: float | None = None) -> float:
         value = self.scalar(node, path)

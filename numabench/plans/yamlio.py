@@ -127,6 +127,27 @@ class YamlReader:
     Public: presets (plans.presets) and experiments (experiments.spec) read their documents with
     it; `document` reads the versioned head every numabench document starts with."""
 
+
+    def axis(self, node, path: str, read, *, auto: bool = False,
+             empty: str = "an empty list gives nothing to run; give at least one value"):
+        """One value or a list of distinct values (each read by `read`), as a tuple; "auto"
+        where allowed. Experiments and tune specs read their axes with it."""
+        if auto and isinstance(node, yaml.ScalarNode) and node.value == "auto":
+            return "auto"
+        if isinstance(node, yaml.SequenceNode):
+            if not node.value:
+                raise self.fail(path, empty)
+            values = []
+            for k, item in enumerate(node.value):
+                self.lines[f"{path}[{k}]"] = item.start_mark.line + 1
+                value = read(item, f"{path}[{k}]")
+                if value in values:
+                    raise self.fail(f"{path}[{k}]", f"{value!r} is listed twice")
+                values.append(value)
+            return tuple(values)
+        if isinstance(node, yaml.MappingNode):
+            raise self.fail(path, f"expected a value or a list of values, got {describe_node(node)}")
+        return (read(node, path),)
     def __init__(self, name: str):
         self.name = name
         self.lines: dict[str, int] = {}
