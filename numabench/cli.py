@@ -8,6 +8,7 @@ import sys
 import click
 
 from numabench import __version__
+from numabench.daemon.pools import SERVE_WARMUP
 from numabench.errors import NumabenchError
 from numabench.launcher.binding import ALLOCATORS, BINDERS
 from numabench.launcher.options import (
@@ -276,6 +277,33 @@ def threading_options(f):
                              "preload libiomp5.so (pip install intel-openmp) as torch's run_cpu does.")(f)
 
 
+# Shared by launch and serve: one read-only weights copy per NUMA node (docs/backends.md).
+share_weights_option = click.option(
+    "--share-weights/--no-share-weights", default=Workload.share_weights, show_default=True,
+    help="pytorch: workers map one read-only copy of the weights per NUMA node instead of each "
+         "holding its own (docs/backends.md).")
+weights_dir_option = click.option(
+    "--weights-dir", type=click.Path(file_okay=False),
+    help="Folder for the per-node weights copies (default /dev/shm/numabench-UID/weights; "
+         "not on tmpfs: one copy in the page cache).")
+
+
+def build_workload(*, backend: str, compute_us: float | None = None, cache_dir: str | None = None,
+                   ort_opt_level: str | None = None, **fields) -> Workload:
+    """The Workload of `launch` and `serve` alike: the backend options from their shared
+    command-line options, the other fields as given."""
+    from pathlib import Path
+
+    options = {"compute_ns": round(compute_us * 1000)} if compute_us is not None else {}
+    if (cache_dir or ort_opt_level) and backend != "onnxruntime":
+        raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")
+    if cache_dir:
+        options["cache_dir"] = str(Path(cache_dir).resolve())
+    if ort_opt_level:
+        options["opt_level"] = ort_opt_level
+    return Workload(backend=backend, backend_options=options, **fields)
+
+
 @cli.command("launch")
 @click.option("--instances", "-n", type=POSITIVE, help="Number of instances (default: 1, or the plan's).")
 @click.option("--cores-per-instance", "-c", type=POSITIVE,
@@ -314,14 +342,10 @@ def threading_options(f):
                    "or ~/.cache/numabench/onnx).")
 @click.option("--ort-opt-level", type=click.Choice(ORT_OPT_LEVELS),
               help="onnxruntime: graph optimization level (default all).")
-@click.option("--share-weights/--no-share-weights", default=True, show_default=True,
-              help="pytorch: workers map one read-only copy of the weights per NUMA node "
-                   "instead of each holding its own (docs/backends.md).")
+@share_weights_option
 @click.option("--keep-weights", is_flag=True,
               help="Keep the per-node weights copies on tmpfs for the next run (default: removed).")
-@click.option("--weights-dir", type=click.Path(file_okay=False),
-              help="Folder for the per-node weights copies (default /dev/shm/numabench-UID/weights; "
-                   "not on tmpfs: one copy in the page cache).")
+@weights_dir_option
 @binder_option
 @allocator_option
 @inflight_option
@@ -368,16 +392,10 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                      cpus=_list_option(cpus, "CPU"), core_kind=core_kind, leftover=leftover)
     if hosts is not None and not ray_address:
         raise NumabenchError("--hosts needs --ray ADDRESS (a cluster to launch on)")
-    options = {"compute_ns": round(compute_us * 1000)} if compute_us is not None else {}
-    if (cache_dir or ort_opt_level) and backend != "onnxruntime":
-        raise NumabenchError("--cache-dir and --ort-opt-level apply to --backend onnxruntime only")
-    if cache_dir:
-        options["cache_dir"] = str(Path(cache_dir).resolve())
-    if ort_opt_level:
-        options["opt_level"] = ort_opt_level
-    workload = Workload(model=model, backend=backend, precision=precision, seq=seq, mode=mode,
-                        iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
-                        text_file=text_file, backend_options=options, share_weights=share_weights)
+    workload = build_workload(model=model, backend=backend, precision=precision, seq=seq, mode=mode,
+                              iterations=iterations, duration_s=duration, warmup=warmup, seed=seed,
+                              text_file=text_file, share_weights=share_weights, compute_us=compute_us,
+                              cache_dir=cache_dir, ort_opt_level=ort_opt_level)
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport, inflight=inflight,
                          omp_runtime=omp_runtime, pin_threads=pin_threads,
                          run_dir=Path(run_dir) if run_dir else None,
@@ -420,10 +438,14 @@ endpoint_option = click.option(
 @click.option("--instances", "-n", type=int, help="Plan this many instances (one pool) instead of --plan.")
 @click.option("--cores-per-instance", "-c", type=int, help="Physical cores per planned instance.")
 @click.option("--smt", is_flag=True, help="Give each planned instance its cores' SMT siblings too.")
-@click.option("--model", "-m", default="bert-base-cased", show_default=True,
+@click.option("--model", "-m", default=Workload.model, show_default=True,
               help="Built-in config (random weights), minilm, a local folder or a hub id.")
-@click.option("--backend", default="pytorch", show_default=True, help="pytorch, onnxruntime or noop.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32, bf16 or int8.")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=Workload.backend,
+              show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=Workload.precision,
+              show_default=True)
+@share_weights_option
+@weights_dir_option
 @click.option("--bind", help="Client endpoint (default: ipc:// in a private 0700 folder). "
                              "tcp://127.0.0.1:PORT for loopback TCP.")
 @click.option("--allow-public-bind", is_flag=True,
@@ -444,10 +466,11 @@ endpoint_option = click.option(
               help="Largest request message, all its frames together (bigger ones get an error).")
 @click.option("--request-timeout", type=float, default=120.0, show_default=True,
               help="Seconds a request may wait and run before it is answered with an error.")
-@click.option("--warmup", "-w", type=int, default=1, show_default=True,
+@click.option("--warmup", "-w", type=NOT_NEGATIVE, default=SERVE_WARMUP, show_default=True,
               help="Warm-up runs per pool shape, per instance.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--compute-us", type=float, help="noop backend: fixed compute time per request, in microseconds.")
+@click.option("--seed", type=NOT_NEGATIVE, default=Workload.seed, show_default=True)
+@click.option("--compute-us", type=FiniteFloat(open_min=False),
+              help="noop backend: fixed compute time per request, in microseconds.")
 @binder_option
 @allocator_option
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -456,10 +479,10 @@ endpoint_option = click.option(
 @ray_option
 @click.option("--hosts", type=int, help="With --ray: run a daemon on this many hosts (default: all).")
 @user_errors
-def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, bind,
-              allow_public_bind, queue_size, max_batch, max_wait_ms, inflight, pad, max_rows, max_request_mb,
-              request_timeout, warmup, seed, compute_us, binder, allocator, run_dir, metrics_port,
-              ray_address, hosts):
+def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, share_weights,
+              weights_dir, bind, allow_public_bind, queue_size, max_batch, max_wait_ms, inflight, pad,
+              max_rows, max_request_mb, request_timeout, warmup, seed, compute_us, binder, allocator,
+              run_dir, metrics_port, ray_address, hosts):
     """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
 
     \b
@@ -484,10 +507,11 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
         raise NumabenchError("--hosts needs --ray ADDRESS (a cluster to serve on)")
     machine = None if ray_address else read_machine("/")  # with --ray each host plans for itself
     plan = None if ray_address else plan_for_launch(machine, **plan_args)
-    options = {"compute_ns": int(compute_us * 1000)} if compute_us is not None else {}
+    workload = build_workload(model=model, backend=backend, precision=precision, seed=seed,
+                              warmup=warmup, share_weights=share_weights, compute_us=compute_us)
     opts = ServeOptions(
-        model=model, backend=backend, precision=precision, seed=seed, backend_options=options,
-        warmup=warmup, pad=pad, bind=bind, allow_public_bind=allow_public_bind,
+        workload=workload, weights_dir=str(Path(weights_dir).resolve()) if weights_dir else None,
+        pad=pad, bind=bind, allow_public_bind=allow_public_bind,
         queue_size=queue_size, max_batch=max_batch, max_wait_ms=max_wait_ms, inflight=inflight,
         max_rows=max_rows,
         max_request_bytes=int(max_request_mb * (1 << 20)), request_timeout_s=request_timeout,

@@ -248,12 +248,14 @@ def test_serve_routes_across_hosts_sheds_load_and_survives_a_host(cluster, tmp_p
     from numabench.cluster.serve import run_cluster_serve
     from numabench.daemon.client import Client
     from numabench.daemon.server import ServeOptions
+    from numabench.launcher.options import Workload
 
     c, hosts = cluster
     monkeypatch.setenv("NUMABENCH_RUNTIME_DIR", str(tmp_path / "runtime"))
     # one instance per host, one request queued behind it: each host holds 2 requests at most
-    opts = ServeOptions(model="bert-tiny", backend="noop", backend_options={"compute_ns": 1_000_000_000},
-                        warmup=0, queue_size=1, binder="taskset", ready_timeout_s=120)
+    opts = ServeOptions(workload=Workload(model="bert-tiny", backend="noop", warmup=0,
+                                          backend_options={"compute_ns": 1_000_000_000}),
+                        queue_size=1, binder="taskset", ready_timeout_s=120)
     started, box = threading.Event(), {}
 
     def on_ready(front):

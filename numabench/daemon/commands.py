@@ -118,7 +118,7 @@ def infer(daemon: Any, envelope: list[bytes], rid: Any, head: dict[str, Any],
     if not isinstance(want, str) or want not in wire.WANTS:
         raise Rejected("bad_input", f"want must be one of {', '.join(wire.WANTS)}, "
                                     f"got {short(repr(want), 50)}")
-    ids, mask = inputs(head, arrays, tokenizer=daemon.tokenizer, model=daemon.opts.model,
+    ids, mask = inputs(head, arrays, tokenizer=daemon.tokenizer, model=daemon.opts.workload.model,
                        max_rows=daemon.opts.max_rows, max_positions=daemon.max_positions,
                        vocab_size=daemon.vocab_size)
     daemon.submit(envelope, rid, want, ids, mask)

@@ -17,6 +17,7 @@ from numabench.plans.model import Plan
 PAD_POLICIES = ("max", "bucket")
 DEFAULT_MAX_POSITIONS = 512  # where the model does not say (hub ids before loading)
 SMALLEST_BUCKET = 8
+SERVE_WARMUP = 1  # warm-up iterations per pool shape and batch size, per instance
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ and replies a client does not read are dropped beyond a send high-water mark.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import enum
 import logging
@@ -34,7 +35,7 @@ import zmq
 from numabench.daemon import auth, commands, endpoints, wire
 from numabench.daemon.commands import Rejected, short
 from numabench.daemon.instances import Dispatch, Instance, Pool, Rollout
-from numabench.daemon.pools import PoolSpec, build_pools, route
+from numabench.daemon.pools import SERVE_WARMUP, PoolSpec, build_pools, route
 from numabench.daemon.reload import DONE, RETIRE, RETIRE_REMOVED, START, RolloutView, diff, next_step
 from numabench.daemon.scheduler import Candidate, Request, Scheduler
 from numabench.daemon.status import DaemonStatus, InstanceStatus, PoolStatus
@@ -42,9 +43,11 @@ from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolic
 from numabench.errors import NumabenchError
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
+from numabench.launcher.options import Workload
 from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
 from numabench.workers import protocol
+from numabench.workers.backends.shared_weights import nodes_label
 
 log = logging.getLogger("numabench.serve")
 
@@ -66,12 +69,9 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str = "bert-base-cased"
-    backend: str = "pytorch"
-    precision: str = "fp32"
-    seed: int = 0
-    backend_options: dict[str, Any] = field(default_factory=dict)
-    warmup: int = 1  # warm-up iterations per shape
+    # What each instance runs: the launcher's Workload (model, backend, precision, seed, backend
+    # options, warm-up per shape, weight sharing); its seq/mode/iterations do not apply to serve.
+    workload: Workload = field(default_factory=lambda: Workload(warmup=SERVE_WARMUP))
     pad: str = "max"  # max | bucket (pools)
     bind: str | None = None  # default: ipc:// in the private runtime folder
     allow_public_bind: bool = False
@@ -98,6 +98,8 @@ class ServeOptions:
     metrics_host: str = "127.0.0.1"
     path: str | None = None  # PATH for finding numactl / taskset
     pin_loop: bool = True  # run the event loop on CPUs the plan leaves free, where there are any
+    weights_dir: str | None = None  # the per-node shared weights copies (default /dev/shm/...)
+    weights_cache_dir: str | None = None  # the weights cache on disk (default ~/.cache/...)
 
     def policy(self) -> RestartPolicy:
         return RestartPolicy(int(self.restart_backoff_s * 1000), int(self.restart_backoff_max_s * 1000),
@@ -114,10 +116,11 @@ class Daemon:
         from numabench.workers.backends import check_backend
         from numabench.workers.models import resolve_model
 
-        check_backend(opts.backend, opts.precision, opts.backend_options)
-        self.spec = resolve_model(opts.model)
+        w = opts.workload
+        check_backend(w.backend, w.precision, w.backend_options)
+        self.spec = resolve_model(w.model)
         for name, value, low in (("--queue-size", opts.queue_size, 0), ("--max-batch", opts.max_batch, 1),
-                                 ("--max-rows", opts.max_rows, 1), ("--warmup", opts.warmup, 0),
+                                 ("--max-rows", opts.max_rows, 1), ("--warmup", w.warmup, 0),
                                  ("--inflight", opts.inflight, 1), ("send_hwm", opts.send_hwm, 1)):
             if value < low:
                 raise NumabenchError(f"{name} must be at least {low} (got {value})")
@@ -155,7 +158,7 @@ class Daemon:
         self._last_metrics = 0.0
         self._announced_ready = False
         self._pool_specs = build_pools(plan, self.max_positions, opts.pad)
-        self.extra_options: dict[str, Any] | None = None  # from the backend's one-off preparation
+        self.prepared: Any = None  # backends.Preparation: the ONNX file, the weights copies
         self.group: ProcessGroup | None = None
         self.coord: Coordinator | None = None
         self.ctx: zmq.Context | None = None
@@ -166,19 +169,67 @@ class Daemon:
     # --- setup -----------------------------------------------------------------------------
 
     def _make_instance(self, inst: InstancePlan, pool: PoolSpec) -> Instance:
-        o = self.opts
-        batches = sorted({1, o.max_batch})
+        w = self.opts.workload
+        batches = sorted({1, self.opts.max_batch})
         cfg = spawn.worker_config(
-            inst, endpoint=self.coord.endpoint, model=o.model, backend=o.backend,
-            precision=o.precision, seed=o.seed, pin_self=self.binder.name == "self",
+            inst, endpoint=self.coord.endpoint, model=w.model, backend=w.backend,
+            precision=w.precision, seed=w.seed, pin_self=self.binder.name == "self",
             timeout_s=WORKER_IDLE_TIMEOUT_S,
-            warmup_shapes=[(b, s) for s in pool.shapes for b in batches], warmup_iterations=o.warmup,
-            options={**o.backend_options, **(self.extra_options or {})})
+            warmup_shapes=[(b, s) for s in pool.shapes for b in batches], warmup_iterations=w.warmup,
+            options={**w.backend_options,
+                     **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {})})
         return Instance(plan=inst, pool=pool.name, config=cfg, deaths=DeathRecord(self.policy))
 
     def _build(self, plan: Plan, specs: tuple[PoolSpec, ...]) -> dict[int, Instance]:
+        self._prepare_backend(plan)
         by_id = {i.id: i for i in plan.instances}
         return {iid: self._make_instance(by_id[iid], spec) for spec in specs for iid in spec.instances}
+
+    def _prepare_backend(self, plan: Plan) -> None:
+        """The launcher's once-per-run preparation, for the plan's memory nodes not prepared yet:
+        the ONNX export (or cache check) at start; with shared weights (PyTorch), one read-only
+        copy of the weights per NUMA node, written at start and for the nodes a reload adds."""
+        from numabench.workers.backends import prepare_backend
+
+        w, o = self.opts.workload, self.opts
+        wanted = {tuple(sorted(i.memory_nodes)) for i in plan.instances}
+        if self.prepared is not None and (not self.prepared.node_options
+                                          or wanted <= set(self.prepared.node_options)):
+            return  # prepared once (ONNX), or every node already has its copy
+        have = set(self.prepared.node_options) if self.prepared is not None else set()
+        prepared = prepare_backend(
+            w.backend, self.spec, w.precision, w.backend_options, seed=w.seed,
+            log=lambda msg: log.info("%s", msg), share_weights=w.share_weights,
+            node_sets=tuple(sorted(wanted - have)), weights_dir=o.weights_dir,
+            weights_cache_dir=o.weights_cache_dir)
+        if prepared is None:
+            return
+        if self.prepared is None:
+            self.prepared = prepared
+            self.warnings.extend(prepared.warnings)
+        else:  # a reload's new nodes: their copies join the ones already made
+            self.prepared = dataclasses.replace(
+                self.prepared, node_options={**self.prepared.node_options, **prepared.node_options},
+                temporary=self.prepared.temporary + prepared.temporary)
+
+    def _release_unused_weights(self) -> None:
+        """After a reload: remove the weights copies of nodes no instance uses any more."""
+        from numabench.workers.backends import Preparation, release_preparation
+
+        p = self.prepared
+        if p is None or not p.temporary:
+            return
+        used = {tuple(sorted(i.plan.memory_nodes)) for i in self.instances.values()}
+        gone = {n for n in p.node_options if n not in used}
+        paths = tuple(t for t in p.temporary
+                      if any(p.node_options[n].get("weights_path") == t for n in gone))
+        if not paths:
+            return
+        release_preparation(Preparation({}, {}, [], temporary=paths))
+        self.prepared = dataclasses.replace(
+            p, node_options={n: v for n, v in p.node_options.items() if n not in gone},
+            temporary=tuple(t for t in p.temporary if t not in paths))
+        log.info("removed the weights copies no instance uses any more: %s", ", ".join(paths))
 
     def _spawn(self, inst: Instance) -> None:
         # Workers start from the full CPU set (their binder narrows it): numactl checks -C
@@ -249,14 +300,8 @@ class Daemon:
         own_state = self._check_existing(endpoint)
         self.binder, self.preload = binding.prepare_binding(self.plan, o.binder, o.allocator, o.path)
         self.warnings.extend(self.binder.warnings)
-        # One ONNX export (or cache check) for all instances, before any worker starts.
-        from numabench.workers.backends import prepare_backend
-
-        prepared = prepare_backend(o.backend, self.spec, o.precision, o.backend_options, seed=o.seed,
-                                   log=lambda msg: log.info("%s", msg))
-        if prepared is not None:
-            self.extra_options = prepared.options
-            self.warnings.extend(prepared.warnings)
+        # One ONNX export or one weights copy per node for all instances, before any worker starts.
+        self._prepare_backend(self.plan)
         self._pin_loop()
         runtime = endpoints.runtime_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -783,6 +828,7 @@ class Daemon:
         elif step.action == DONE:
             self.others = [i for i in self.others if i.state.alive]
             self.rollout = None
+            self._release_unused_weights()
             log.info("reload done: %d instances in %d pools", len(self.instances), len(self.pools))
 
     def _retire(self, inst: Instance) -> None:
@@ -861,6 +907,11 @@ class Daemon:
                 self.coord.close()
             if self.worker_dir is not None:
                 shutil.rmtree(self.worker_dir, ignore_errors=True)
+            # The workers are gone: their weights copies go too (a daemon killed with -9 leaves
+            # them, named with its pid, for the next serve or launch to remove).
+            from numabench.workers.backends import release_preparation
+
+            release_preparation(self.prepared)
             if self.endpoint.startswith("ipc://"):
                 try:
                     os.unlink(self.endpoint[len("ipc://"):])
@@ -932,8 +983,11 @@ class Daemon:
             pid=os.getpid(), endpoint=self.endpoint, state=self.state(),
             started=self.started.isoformat(timespec="seconds"),
             uptime_s=round(time.monotonic() - self.started_mono, 1),
-            plan={"file": self.plan_file, "name": self.plan.name}, model=o.model, backend=o.backend,
-            precision=o.precision,
+            plan={"file": self.plan_file, "name": self.plan.name}, model=o.workload.model,
+            backend=o.workload.backend, precision=o.workload.precision,
+            weights={nodes_label(n): v["weights_path"] for n, v in sorted(
+                (self.prepared.node_options if self.prepared else {}).items())
+                if "weights_path" in v},
             options={"queue_size": o.queue_size, "max_batch": o.max_batch, "inflight": o.inflight,
                      "max_wait_ms": o.max_wait_ms, "pad": o.pad, "max_rows": o.max_rows,
                      "max_request_bytes": o.max_request_bytes, "send_hwm": o.send_hwm},

@@ -87,6 +87,7 @@ class DaemonStatus:
     model: str
     backend: str
     precision: str
+    weights: Mapping[str, str]  # shared weights file per memory-node set (empty: not shared)
     options: Mapping[str, Any]
     run_dir: str
     metrics_port: int | None
