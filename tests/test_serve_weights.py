@@ -1,0 +1,77 @@
+"""serve shares weights like launch: one read-only copy per NUMA node, mapped by the node's
+workers, removed at stop, and a killed daemon's copy removed by the next start. Real daemon,
+real PyTorch workers (bert-tiny)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from test_serve import Daemon
+from test_shared_weights import needs_shm, needs_torch
+
+pytestmark = [needs_torch, needs_shm]
+
+
+@pytest.fixture
+def shm_dir():
+    folder = Path("/dev/shm") / f"numabench-test-{uuid.uuid4().hex[:8]}"
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    return [c for c in psutil.Process(pid).children(recursive=True)
+            if "numabench.workers" in " ".join(c.cmdline())]
+
+
+def test_serve_workers_map_the_nodes_copy_and_stop_removes_it(tmp_path, shm_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ("--backend", "pytorch", "--instances", "1", "--weights-dir", str(shm_dir))
+    (tmp_path / "a").mkdir()
+    first = Daemon(tmp_path / "a", *args)
+    try:
+        weights = first.status()["weights"]
+        assert len(weights) == 1, weights
+        (path,) = weights.values()
+        assert Path(path).parent == shm_dir and f".pid{first.proc.pid}." in path
+        workers = _workers(first.proc.pid)
+        assert workers
+        for w in workers:
+            assert path in Path(f"/proc/{w.pid}/maps").read_text()
+        # A crash: nobody cleans up; the orphaned workers exit on their own.
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        for p in alive:
+            p.kill()
+        assert not alive
+        assert os.path.exists(path)
+    finally:
+        first.close()
+    (tmp_path / "b").mkdir()
+    second = Daemon(tmp_path / "b", *args)
+    try:
+        assert not os.path.exists(path), "the killed daemon's copy survived the next start"
+        (mine,) = second.status()["weights"].values()
+        assert os.path.exists(mine) and mine != path
+        r = second.cli("stop")
+        assert r.returncode == 0, r.stderr
+        second.proc.wait(30)
+    finally:
+        second.close()
+    assert not os.path.exists(mine) and not shm_dir.exists()
+
+
+def test_no_share_weights_maps_nothing(tmp_path, shm_dir):
+    d = Daemon(tmp_path, "--backend", "pytorch", "--instances", "1", "--weights-dir", str(shm_dir),
+               "--no-share-weights")
+    try:
+        assert d.status()["weights"] == {}
+        assert not shm_dir.exists() or not list(shm_dir.iterdir())
+    finally:
+        d.close()
