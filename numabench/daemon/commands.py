@@ -2,7 +2,8 @@
 
 `handle` is the only way a client message reaches the daemon. Whatever happens inside — a
 malformed header, a 5000-digit integer, a plan file that is binary, a bug — becomes an error reply
-to that client (and a log line), never the daemon's exit; every message gets exactly one reply.
+to that client, never the daemon's exit (a bug through the daemon's guard, which also logs and
+counts it); every message gets exactly one reply.
 The commands talk to the daemon through its public methods (reply, reject, submit, reload,
 begin_stop, state, status).
 """
@@ -60,31 +61,34 @@ def split_envelope(frames: list[Any]) -> tuple[list[bytes], list[Any]]:
 
 
 def handle(daemon: Any, frames: list[Any], refused: str | None = None) -> None:
-    """Handle one client message: exactly one reply, whatever happens while handling it."""
+    """Handle one client message: exactly one reply, whatever happens while handling it. The
+    client's mistakes are answered here; anything else (a bug) goes to the daemon's one guard,
+    which logs and counts it and answers this client with an "internal" error."""
     envelope, body = split_envelope(frames)
-    rid, kind = None, "message"
-    try:
-        if refused:
-            raise Rejected("too_large", refused)
+    rid = None
+
+    def answer(message: str) -> None:
+        daemon.reject(envelope, rid, "internal", message)
+
+    with daemon.guard("client message", answer):
         try:
-            head, arrays = wire.decode(body)
-        except Exception as e:  # ProtocolError, and ValueErrors of JSON's own limits
-            raise Rejected("malformed", f"malformed message: {short(e)}") from None
-        kind = head["type"]
-        rid = request_id(head.get("id"))
-        command = COMMANDS.get(kind)
-        if command is None:
-            raise Rejected("malformed", f"a client sends {', '.join(sorted(wire.REQUESTS))}, "
-                                        f"not {kind}")
-        command(daemon, envelope, rid, head, arrays)
-    except Rejected as e:
-        daemon.reject(envelope, rid, e.reason, str(e))
-    except (requests.RequestError, NumabenchError) as e:
-        daemon.reject(envelope, rid, "bad_input", str(e))
-    except Exception as e:  # noqa: BLE001 - one message must never end the daemon
-        log.exception("handling a client %s failed", kind)
-        daemon.reject(envelope, rid, "internal",
-                      f"internal error handling {kind}: {type(e).__name__}: {short(e)}")
+            if refused:
+                raise Rejected("too_large", refused)
+            try:
+                head, arrays = wire.decode(body)
+            except Exception as e:  # ProtocolError, and ValueErrors of JSON's own limits
+                raise Rejected("malformed", f"malformed message: {short(e)}") from None
+            kind = head["type"]
+            rid = request_id(head.get("id"))
+            command = COMMANDS.get(kind)
+            if command is None:
+                raise Rejected("malformed", f"a client sends {', '.join(sorted(wire.REQUESTS))}, "
+                                            f"not {kind}")
+            command(daemon, envelope, rid, head, arrays)
+        except Rejected as e:
+            daemon.reject(envelope, rid, e.reason, str(e))
+        except (requests.RequestError, NumabenchError) as e:
+            daemon.reject(envelope, rid, "bad_input", str(e))
 
 
 def ping(daemon: Any, envelope: list[bytes], rid: Any, head: dict, arrays: dict) -> None:

@@ -38,6 +38,12 @@ class _SnapshotCollector:
         for reason, n in sorted(s.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        faults = CounterMetricFamily("numabench_internal_errors", "Exceptions the event loop's "
+                                     "guard caught (the daemon carried on), by where",
+                                     labels=["where"])
+        for where, n in sorted(s.faults.items()):
+            faults.add_metric([where], n)
+        yield faults
         queued = GaugeMetricFamily("numabench_pool_queued", "Requests waiting", labels=["pool"])
         degraded = GaugeMetricFamily("numabench_pool_degraded", "1 when the pool is degraded",
                                      labels=["pool"])

@@ -23,6 +23,10 @@ def render_status(doc: dict[str, Any]) -> str:
     rejected = doc.get("rejected") or {}
     if rejected:
         lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
+    faults = doc.get("faults") or {}
+    if faults:
+        lines.append("internal errors (logged; serving went on): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
     lines += ["", f"{'pool':<12} {'seq':>9} {'pad to':<16} {'inst':<8} {'queue':>7} {'served':>8} "
                   f"{'busy':>6} {'errors':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
                   f"{'60s p99':>8}"]

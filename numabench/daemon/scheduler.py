@@ -31,6 +31,7 @@ class Request:
     queued_ns: int = 0
     retried: bool = False
     avoid: int | None = None  # the instance it was on when that one died
+    answered: bool = False  # its one reply is sent (the loop's guard answers the others)
 
     def __post_init__(self) -> None:
         self.queued_ns = self.queued_ns or self.arrived_ns

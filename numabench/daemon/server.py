@@ -14,6 +14,7 @@ and replies a client does not read are dropped beyond a send high-water mark.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -25,6 +26,7 @@ import signal
 import stat
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,15 @@ def _now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+FAULT_LOG_EVERY_S = 5.0  # a fault that repeats every turn is logged with its traceback this often
+
+
+class Outcome:
+    """What one guarded callback did: `failed` is set when it raised."""
+
+    failed = False
+
+
 class Daemon:
     def __init__(self, plan: Plan, opts: ServeOptions, plan_file: str | None = None,
                  machine: Any = None):
@@ -152,6 +163,8 @@ class Daemon:
         self.warnings: list[str] = []
         self.replies: Counter = Counter()  # by status, since start (any message type)
         self.rejected: Counter = Counter()  # by reason, since start
+        self.faults: Counter = Counter()  # exceptions the guard caught, by where, since start
+        self._fault_logged: dict[str, float] = {}
         self.loop_cpus: tuple[int, ...] | None = None
         self._spawn_cpus: set[int] | None = None
         self._last_check = 0.0
@@ -384,36 +397,89 @@ class Daemon:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.begin_stop(f"signal {signum}")
 
+    @contextlib.contextmanager
+    def guard(self, where: str, answer: Callable[[str], None] | None = None) -> Iterator[Outcome]:
+        """The one guard every handler, timer and event callback of the loop runs in: an
+        exception becomes a logged error, a count in `faults` (status, metrics), and, where
+        requests are involved, an error reply through `answer`; the daemon goes on serving.
+        Only a deliberate stop ends the loop. `where` is a fixed label (a metrics label)."""
+        outcome = Outcome()
+        try:
+            yield outcome
+        except Exception as e:  # noqa: BLE001 - nothing but a stop may end the daemon
+            outcome.failed = True
+            self.faults[where] += 1
+            now = time.monotonic()
+            if now - self._fault_logged.get(where, -math.inf) >= FAULT_LOG_EVERY_S:
+                self._fault_logged[where] = now
+                log.exception("internal error in %s (%d so far); the daemon carries on",
+                              where, self.faults[where])
+            else:
+                log.error("internal error in %s (%d so far): %s: %s", where, self.faults[where],
+                          type(e).__name__, short(e))
+            if answer is not None:
+                try:
+                    answer(f"internal error in {where}: {type(e).__name__}: {short(e)}")
+                except Exception:  # noqa: BLE001
+                    log.exception("answering after an internal error in %s failed", where)
+
+    def _answer_requests(self, requests: list[Request]) -> Callable[[str], None]:
+        """A guard's `answer` for requests taken off a queue: those not answered yet get an error."""
+        def answer(message: str) -> None:
+            for r in requests:
+                if not r.answered:
+                    self._fail(r, message)
+        return answer
+
     def _step(self) -> None:
         for sock, _ in self.poller.poll(self._poll_timeout_ms()):
             if sock is self.client:
                 for _ in range(BATCH_PER_SOCKET):
-                    got = self._recv_client()
-                    if got is None:
-                        break
-                    commands.handle(self, *got)
+                    with self.guard("client"):  # commands.handle answers the client itself
+                        got = self._recv_client()
+                        if got is None:
+                            break
+                        commands.handle(self, *got)
             else:
                 for _ in range(BATCH_PER_SOCKET):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._guarded_worker(frames)
+                    with self.guard("worker message"):
+                        self._on_worker(frames)
         now = time.monotonic()
         if now - self._last_check >= CHECK_EVERY_S:
             self._last_check = now
-            self._check_processes()
-            self._check_timers(now)
-            self._advance_rollout()
+            with self.guard("process check"):
+                self._check_processes()
+            with self.guard("timers"):
+                self._check_timers(now)
+            with self.guard("reload"):
+                self._advance_rollout()
         if self.metrics and now - self._last_metrics >= METRICS_EVERY_S:
             self._last_metrics = now
-            self.metrics.refresh(self.snapshot(latency=False))
-        for name in self.pools:
-            self._pump(name)
-        if self.phase is Phase.DRAINING:
-            self._check_drained()
-        elif self.phase is Phase.CLOSING:
-            self._check_closed()
+            with self.guard("metrics"):
+                self.metrics.refresh(self.snapshot(latency=False))
+        for name in list(self.pools):
+            with self.guard("dispatch"):
+                self._pump(name)
+        if self.phase in (Phase.DRAINING, Phase.CLOSING):
+            with self.guard("stop") as g:
+                (self._check_drained if self.phase is Phase.DRAINING else self._check_closed)()
+            if g.failed:
+                self._abandon()
+
+    def _abandon(self) -> None:
+        """A stop whose orderly steps raise still ends: every request waiting or in flight is
+        answered, then _close stops (SIGTERM, SIGKILL) and reaps every worker."""
+        try:
+            with self.guard("stop"):
+                waiting = self.sched.drain() + [r for i in self._all() for d in i.inflight.values()
+                                                for r in d.requests]
+                self._answer_requests(waiting)("the daemon stopped before serving this request")
+        finally:
+            self.phase = Phase.DONE
 
     def _poll_timeout_ms(self) -> int:
         timeout = CHECK_EVERY_S
@@ -525,7 +591,8 @@ class Daemon:
             return
         for iid, batch in self.sched.assign(pool, self._candidates(pool),
                                             stopping=self.phase is not Phase.SERVING):
-            self._send(self._live(iid), pool, batch)
+            with self.guard("dispatch", self._answer_requests(batch)):
+                self._send(self._live(iid), pool, batch)
 
     def _send(self, inst: Instance, pool: str, batch: list[Request]) -> None:
         spec = self.pools[pool].spec
@@ -558,12 +625,6 @@ class Daemon:
 
     # --- worker messages -------------------------------------------------------------------
 
-    def _guarded_worker(self, frames: list[Any]) -> None:
-        try:
-            self._on_worker(frames)
-        except Exception:  # noqa: BLE001 - a worker's odd message must not end the daemon either
-            log.exception("handling a worker message failed")
-
     def _on_worker(self, frames: list[Any]) -> None:
         try:
             iid = int(frames[0].bytes.decode())
@@ -591,7 +652,8 @@ class Daemon:
         elif kind == protocol.RESULT:
             d = self._take_dispatch(inst, head.get("req"))
             if d is not None:
-                self._complete(inst, d, head, arrays)
+                with self.guard("result", self._answer_requests(d.requests)):
+                    self._complete(inst, d, head, arrays)
         elif kind == protocol.ERROR:
             if head.get("fatal", True):
                 inst.last_error = short(head.get("message"), 500)
@@ -638,8 +700,9 @@ class Daemon:
                            "checksum": checksum if math.isfinite(checksum) else None,
                            "abs_sum": abs_sum if math.isfinite(abs_sum) else None},
             }
+            r.answered = True
             self.reply(r.envelope, r.rid, wire.OK, header,
-                        {"output": part} if r.want == "outputs" else None)
+                       {"output": part} if r.want == "outputs" else None)
             inst.served += 1
             pool = self.pools.get(r.pool)
             if pool is not None:
@@ -649,6 +712,7 @@ class Daemon:
                 self.metrics.served(r.pool, (now - r.arrived_ns) / 1e9)
 
     def _fail(self, r: Request, reason: str) -> None:
+        r.answered = True
         pool = self.pools.get(r.pool)
         if pool is not None:
             pool.errors += 1
@@ -994,6 +1058,7 @@ class Daemon:
             run_dir=str(self.run_dir), metrics_port=self.metrics.port if self.metrics else None,
             auth="curve" if self.endpoint.startswith("tcp://") else "ipc-0600",
             loop_cpus=self.loop_cpus, replies=dict(self.replies), rejected=dict(self.rejected),
+            faults=dict(self.faults),
             pools=pools, instances=instances)
 
     def status(self) -> dict[str, Any]:

@@ -95,6 +95,7 @@ class DaemonStatus:
     loop_cpus: tuple[int, ...] | None  # where the event loop runs (None: not pinned)
     replies: Mapping[str, int]  # by status, any message type, since start (never reset)
     rejected: Mapping[str, int]  # by reason, since start
+    faults: Mapping[str, int]  # internal errors the event loop's guard caught, by where
     pools: tuple[PoolStatus, ...]
     instances: tuple[InstanceStatus, ...]
 
