@@ -191,6 +191,73 @@ def test_rolling_reload_under_load_loses_nothing_and_never_empties_the_pool(tmp_
         d.close()
 
 
+ONE = """\
+version: 1
+batch: 1
+instances:
+- {{id: 0, cpus: '{a}', memory_nodes: [], threads: 1, batch: 1, seq_range: {{min: 1, max: {high}}}}}
+"""
+
+
+def test_reload_of_a_single_instance_pool_starts_the_successor_before_stopping_the_old(tmp_path):
+    """The only instance of a pool is replaced on the same CPU: the successor warms up beside
+    it (briefly oversubscribed), the old one serves until the successor is ready, then drains."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(ONE.format(a=USABLE[0], high=64))
+    d = Daemon(tmp_path, "--plan", str(plan), "--compute-us", "3000", "--queue-size", "1000",
+               "--warmup", "20")  # a warm-up long enough to watch both processes side by side
+    try:
+        old_pid = d.status()["instances"][0]["pid"]
+        done = threading.Event()
+        sent, results, ready_seen, swaps = [0], [], [], set()
+
+        def load():
+            with d.client(timeout_s=60) as c:
+                while not done.is_set():
+                    rids = [c.send_infer(input_ids=ids(8)) for _ in range(4)]
+                    sent[0] += len(rids)
+                    results.extend(c.wait(rid) for rid in rids)
+
+        def watch():
+            with d.client(timeout_s=30) as c:
+                while not done.is_set():
+                    s = c.status()
+                    ready_seen.append(sum(p["ready"] for p in s["pools"]))
+                    swaps.update(i["swap_pid"] for i in s["instances"] if i["swap_pid"])
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=load), threading.Thread(target=watch)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        plan.write_text(ONE.format(a=USABLE[0], high=128))  # new pool shapes: replaced
+        r = d.cli("reload")
+        assert r.returncode == 0, r.stderr
+        new = d.wait_status(lambda s: s["state"] == "serving" and s["instances"][0]["pid"] != old_pid
+                            and s["instances"][0]["swap_pid"] is None, timeout=120)
+        time.sleep(0.3)  # the new instance serves under load too
+        done.set()
+        for t in threads:
+            t.join(60)
+        assert [p["name"] for p in new["pools"]] == ["1-128"]
+        assert len(results) == sent[0] and results, "a request got no reply"
+        assert all(r.ok for r in results), [r.reason for r in results if not r.ok][:3]
+        assert min(ready_seen) >= 1, "the pool had no ready instance during the reload"
+        new_pid = new["instances"][0]["pid"]
+        assert swaps & {old_pid, new_pid}, "the two processes were never seen side by side"
+        served_by = {r.header["instance"] for r in results}
+        assert served_by == {0}
+        after = d.status()
+        assert after["instances"][0]["served"] >= len(results)  # the old one's count carried over
+        children = psutil.Process(d.proc.pid).children(recursive=True)
+        assert not [p for p in children if p.status() == psutil.STATUS_ZOMBIE]
+        assert old_pid not in {p.pid for p in children}
+        log = d.output()
+        assert "beside its predecessor" in log
+    finally:
+        d.close()
+
+
 def test_a_frozen_workers_requests_are_retried_on_the_other_instance(tmp_path):
     d = Daemon(tmp_path, "--instances", "2", "--compute-us", "1000", "--request-timeout", "2")
     try:

@@ -153,23 +153,39 @@ def test_request_checks_are_shared_and_name_the_problem():
 
 
 def test_rollout_steps_keep_every_pool_serving():
-    from numabench.daemon.reload import DONE, RETIRE, RETIRE_REMOVED, START, WAIT, RolloutView, next_step
+    from numabench.daemon.reload import (
+        DONE,
+        NEXT,
+        RETIRE,
+        RETIRE_REMOVED,
+        START,
+        WAIT,
+        RolloutView,
+        next_step,
+    )
 
     change = diff({0: "a", 1: "b", 2: "c"}, {0: "A", 1: "B", 3: "d"})
     assert (change.replaced, change.added, change.removed) == ((0, 1), (3,), (2,))
     old = frozenset({0, 1, 2})
     # The added instance warms up first; nothing old is touched meanwhile.
-    assert next_step(change, None, (0, 1), RolloutView(starting=frozenset({3}), old_alive=old)).action == WAIT
-    # Then one replaced id at a time: retire the old, wait for its exit, start, wait for ready.
-    s = next_step(change, None, (0, 1), RolloutView(old_alive=old))
+    assert next_step(change, None, (0, 1), RolloutView(starting=frozenset({3}), pending=frozenset({0, 1}),
+                                                       old_alive=old)).action == WAIT
+    # Then one replaced id at a time, make before break: take it, start its successor while the
+    # old one serves, wait until the successor is ready, then retire the old one and wait for it.
+    s = next_step(change, None, (0, 1), RolloutView(pending=frozenset({0, 1}), old_alive=old))
+    assert (s.action, s.instance) == (NEXT, 0)
+    s = next_step(change, 0, (1,), RolloutView(pending=frozenset({0, 1}), old_alive=old))
+    assert (s.action, s.instance) == (START, 0)
+    # Warming up (or restarting after a death in warm-up): the old one keeps serving.
+    s = next_step(change, 0, (1,), RolloutView(starting=frozenset({0}), pending=frozenset({1}),
+                                               old_alive=old))
+    assert (s.action, s.instance) == (WAIT, 0)
+    s = next_step(change, 0, (1,), RolloutView(pending=frozenset({1}), old_alive=old))
     assert (s.action, s.instance) == (RETIRE, 0)
-    assert next_step(change, 0, (1,), RolloutView(pending=frozenset({0, 1}), old_alive=old)).action == WAIT
-    assert next_step(change, 0, (1,), RolloutView(pending=frozenset({0, 1}),
-                                                  old_alive=frozenset({1, 2}))).action == START
-    assert next_step(change, 0, (1,), RolloutView(starting=frozenset({0}), pending=frozenset({1}),
-                                                  old_alive=frozenset({1, 2}))).action == WAIT
+    draining = RolloutView(pending=frozenset({1}), old_alive=old, old_retiring=frozenset({0}))
+    assert next_step(change, 0, (1,), draining).action == WAIT
     s = next_step(change, 0, (1,), RolloutView(pending=frozenset({1}), old_alive=frozenset({1, 2})))
-    assert (s.action, s.instance) == (RETIRE, 1)
+    assert (s.action, s.instance) == (NEXT, 1)
     # Removed instances retire last; done once none runs.
     assert next_step(change, 1, (), RolloutView(old_alive=frozenset({2}))).action == RETIRE_REMOVED
     assert next_step(change, 1, (), RolloutView()).action == DONE

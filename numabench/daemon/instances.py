@@ -46,10 +46,25 @@ class Instance:
     last_error: str | None = None
     busy_ns: int = 0
     ready_once: bool = False
+    # The worker key: its process-group key and ZeroMQ identity. The instance id, except for a
+    # reload's successor started while its predecessor (which holds the id) still serves.
+    key: int = -1
+
+    def __post_init__(self) -> None:
+        if self.key < 0:
+            self.key = self.plan.id
 
     @property
     def id(self) -> int:
         return self.plan.id
+
+    def fold_into(self, successor: Instance) -> None:
+        """Move this (exited) predecessor's counts to its successor: a reload resets nothing."""
+        successor.served += self.served
+        successor.errors += self.errors
+        successor.restarts += self.restarts
+        successor.busy_ns += self.busy_ns
+        self.served = self.errors = self.restarts = self.busy_ns = 0
 
 
 @dataclass(eq=False)
@@ -63,7 +78,8 @@ class Pool:
 
 @dataclass(eq=False)
 class Rollout:
-    """A reload being applied: added ids starting, replaced ids swapped one at a time."""
+    """A reload being applied: added ids starting, replaced ids swapped one at a time (the
+    successor started beside its predecessor, which serves until the successor is ready)."""
 
     diff: ReloadDiff
     replace: deque  # ids still to swap

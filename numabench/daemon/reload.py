@@ -1,8 +1,10 @@
 """What a reload changes, pure: the running instances' configs against the new plan's.
 
-The rollout order keeps every pool serving: new ids start first (on their own cores, beside the
-old ones), then replaced instances are swapped one at a time (the old one drains and exits
-before its successor, which has the same worker identity, starts), then removed ones retire.
+The rollout order keeps every pool serving, so a pool never goes empty: new ids start first (on
+their own cores, beside the old ones); then replaced instances are swapped one at a time, make
+before break: the successor starts while its predecessor keeps serving, and only once the
+successor is ready does the predecessor drain and exit (the two run side by side for a while, on
+the same cores where the new plan keeps them there); then removed ones retire.
 """
 from __future__ import annotations
 
@@ -38,40 +40,46 @@ def diff(running: Mapping[int, Any], wanted: Mapping[int, Any],
                       tuple(sorted(set(running) - set(wanted))))
 
 
-WAIT, START, RETIRE, RETIRE_REMOVED, DONE = "wait", "start", "retire", "retire-removed", "done"
+WAIT, NEXT, START, RETIRE, RETIRE_REMOVED, DONE = (
+    "wait", "next", "start", "retire", "retire-removed", "done")
 
 
 @dataclass(frozen=True)
 class RolloutView:
     """What the next rollout step depends on, by instance id."""
 
-    starting: frozenset[int] = frozenset()   # current-plan instances warming up
+    starting: frozenset[int] = frozenset()   # current-plan instances not ready yet (starting,
+    #                                          or restarting after a death in warm-up)
     pending: frozenset[int] = frozenset()    # successors not started yet
     old_alive: frozenset[int] = frozenset()  # replaced or removed instances whose process runs
+    old_retiring: frozenset[int] = frozenset()  # ...of which these were told to drain and stop
 
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # WAIT, START (the successor of `instance`), RETIRE (the old `instance`),
-    instance: int | None = None  # RETIRE_REMOVED (all removed ones), DONE
+    action: str  # WAIT, NEXT (take replaced id `instance` next), START (its successor),
+    instance: int | None = None  # RETIRE (its predecessor), RETIRE_REMOVED (all removed), DONE
 
 
 def next_step(change: ReloadDiff, current: int | None, remaining: tuple[int, ...],
               view: RolloutView) -> Step:
     """The rollout's next step: added instances get ready first; then, one replaced id at a
-    time, the old process exits (RETIRE, then WAIT) before its successor starts (START, then
-    WAIT until ready); then removed instances retire; DONE once none of them runs."""
+    time, its successor starts (START) and warms up while the old process serves (WAIT); once the
+    successor is ready (or given up) the old one drains (RETIRE) and exits (WAIT); then removed
+    instances retire; DONE once none of them runs."""
     if any(i in view.starting for i in change.added):
         return Step(WAIT)
     if current is not None:
-        if current in view.old_alive:
-            return Step(WAIT, current)
         if current in view.pending:
             return Step(START, current)
         if current in view.starting:
             return Step(WAIT, current)
+        if current in view.old_alive - view.old_retiring:
+            return Step(RETIRE, current)
+        if current in view.old_alive:
+            return Step(WAIT, current)
     if remaining:
-        return Step(RETIRE, remaining[0])
+        return Step(NEXT, remaining[0])
     if any(i in view.old_alive for i in change.removed):
         return Step(RETIRE_REMOVED)
     return Step(DONE)

@@ -38,7 +38,16 @@ from numabench.daemon import auth, commands, endpoints, wire
 from numabench.daemon.commands import Rejected, short
 from numabench.daemon.instances import Dispatch, Instance, Pool, Rollout
 from numabench.daemon.pools import SERVE_WARMUP, PoolSpec, build_pools, route
-from numabench.daemon.reload import DONE, RETIRE, RETIRE_REMOVED, START, RolloutView, diff, next_step
+from numabench.daemon.reload import (
+    DONE,
+    NEXT,
+    RETIRE,
+    RETIRE_REMOVED,
+    START,
+    RolloutView,
+    diff,
+    next_step,
+)
 from numabench.daemon.scheduler import Candidate, Request, Scheduler
 from numabench.daemon.status import DaemonStatus, InstanceStatus, PoolStatus
 from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolicy
@@ -60,6 +69,7 @@ METRICS_EVERY_S = 0.5
 MAX_FRAMES = 8  # identity, REQ delimiter, header, input_ids, attention_mask, and some slack
 MAX_PLAN_BYTES = 1 << 20
 BATCH_PER_SOCKET = 1000  # messages read per socket per turn: let the other one and timers in
+SUCCESSOR_KEY_STEP = 1_000_000  # worker keys of successors started beside their predecessors
 
 
 class Phase(enum.Enum):
@@ -244,13 +254,27 @@ class Daemon:
             temporary=tuple(t for t in p.temporary if t not in paths))
         log.info("removed the weights copies no instance uses any more: %s", ", ".join(paths))
 
+    def _worker_key(self, inst: Instance) -> int:
+        """Its id, unless another live process holds that key (a predecessor still serving):
+        then the first free id + n * SUCCESSOR_KEY_STEP (instance-1000003.log for id 3)."""
+        held = {i.key for i in self._all() if i is not inst and i.state.alive}
+        key = inst.id
+        while key in held:
+            key += SUCCESSOR_KEY_STEP
+        return key
+
     def _spawn(self, inst: Instance) -> None:
+        inst.key = self._worker_key(inst)
+        plan, config = inst.plan, inst.config
+        if inst.key != inst.id:
+            plan = dataclasses.replace(plan, id=inst.key)
+            config = dataclasses.replace(config, instance=inst.key)
         # Workers start from the full CPU set (their binder narrows it): numactl checks -C
         # against the affinity it inherits, which must not be the loop's few free CPUs.
         if self._spawn_cpus:
             os.sched_setaffinity(0, self._spawn_cpus)
         try:
-            started = spawn.start_instance(self.group, self.binder, inst.plan, inst.config, self.preload)
+            started = spawn.start_instance(self.group, self.binder, plan, config, self.preload)
         finally:
             if self._spawn_cpus and self.loop_cpus:
                 os.sched_setaffinity(0, self.loop_cpus)
@@ -259,8 +283,10 @@ class Daemon:
         inst.pid = started.pid
         inst.state = S.STARTING
         inst.started_at = time.monotonic()
-        log.info("instance %d: started pid %d (cpus %s, pool %s)", inst.id, started.pid,
-                 list(inst.plan.cpus), inst.pool)
+        log.info("instance %d: started pid %d (cpus %s, pool %s%s)", inst.id, started.pid,
+                 list(inst.plan.cpus), inst.pool,
+                 f", beside its predecessor: log {self.group.log_path(inst.key)}"
+                 if inst.key != inst.id else "")
 
     def _check_existing(self, endpoint: str) -> bool:
         """True when this daemon should own the state file (no other live daemon does)."""
@@ -572,19 +598,23 @@ class Daemon:
         return [i for i in self._all() if i.pool == pool]
 
     def _candidates(self, pool: str) -> list[Candidate]:
-        return [Candidate(i.id, len(i.inflight), i.served) for i in self._members(pool)
+        """The pool's ready workers, by worker key (a predecessor and its successor both serve
+        while the successor takes over)."""
+        return [Candidate(i.key, len(i.inflight), i.served) for i in self._members(pool)
                 if i.state is S.READY]
 
     def _pool_can_serve(self, pool: str) -> bool:
         return any(i.state.will_serve for i in self._members(pool))
 
-    def _live(self, iid: int) -> Instance | None:
-        """The object whose process holds worker identity `iid` now (an old one being retired
-        keeps it until it exits; its successor starts only then)."""
-        for i in self.others:
-            if i.id == iid and i.state.alive:
-                return i
-        return self.instances.get(iid)
+    def _worker(self, key: int) -> Instance | None:
+        """The instance whose process holds worker key `key` (its ZeroMQ identity) now."""
+        found = None
+        for i in self._all():
+            if i.key == key:
+                if i.state.alive:
+                    return i
+                found = found or i
+        return found
 
     def _pump(self, pool: str) -> None:
         if not self.sched.queued(pool):
@@ -592,7 +622,7 @@ class Daemon:
         for iid, batch in self.sched.assign(pool, self._candidates(pool),
                                             stopping=self.phase is not Phase.SERVING):
             with self.guard("dispatch", self._answer_requests(batch)):
-                self._send(self._live(iid), pool, batch)
+                self._send(self._worker(iid), pool, batch)
 
     def _send(self, inst: Instance, pool: str, batch: list[Request]) -> None:
         spec = self.pools[pool].spec
@@ -609,15 +639,15 @@ class Daemon:
         self._next_req += 1
         d = Dispatch(self._next_req, inst.id, batch, target, time.monotonic_ns())
         try:
-            self.coord.send(inst.id, protocol.RUN, {"req": d.req, "want": "outputs"},
+            self.coord.send(inst.key, protocol.RUN, {"req": d.req, "want": "outputs"},
                             {"input_ids": ids, "attention_mask": mask})
         except WorkerFailed as e:
             log.warning("%s", str(e).splitlines()[0])
             for r in reversed(batch):
                 self.sched.queues[r.pool].appendleft(r)
-            code = self.group.wait(inst.id, 0.5)
+            code = self.group.wait(inst.key, 0.5)
             if code is not None:
-                self._on_exit(inst, Exited(inst.id, code).describe())
+                self._on_exit(inst, Exited(inst.key, code).describe())
             else:
                 self._kill(inst, "unreachable")
             return
@@ -632,7 +662,7 @@ class Daemon:
         except Exception as e:  # noqa: BLE001
             log.warning("malformed message from a worker: %s", short(e))
             return
-        inst = self._live(iid)
+        inst = self._worker(iid)
         if inst is None:
             return
         kind = head["type"]
@@ -723,18 +753,21 @@ class Daemon:
     def _check_processes(self) -> None:
         for inst in self._all():
             if inst.state.alive:
-                code = self.group.poll(inst.id)  # reaps it: no zombie
+                code = self.group.poll(inst.key)  # reaps it: no zombie
                 if code is not None:
-                    self._on_exit(inst, Exited(inst.id, code).describe())
+                    self._on_exit(inst, Exited(inst.key, code).describe())
 
     def _on_exit(self, inst: Instance, how: str) -> None:
         inst.last_exit = how
         dispatches = list(inst.inflight.values())
         inst.inflight.clear()
-        current = self.instances.get(inst.id) is inst
+        successor = self.instances.get(inst.id)
+        current = successor is inst
         if inst.state is S.RETIRING or not current or self.phase is not Phase.SERVING:
             inst.state = S.STOPPED
             log.info("instance %d (pid %s) %s", inst.id, inst.pid, how)
+            if successor is not None and not current:
+                inst.fold_into(successor)
         else:
             decision = inst.deaths.died(_now_ms())
             if decision.give_up:
@@ -746,7 +779,7 @@ class Daemon:
                 inst.state = S.RESTARTING
                 inst.restart_at_ms = decision.restart_at_ms
                 log.warning("instance %d %s; restarting in %.1f s (see %s)", inst.id, how,
-                            (decision.restart_at_ms - _now_ms()) / 1000, self.group.log_path(inst.id))
+                            (decision.restart_at_ms - _now_ms()) / 1000, self.group.log_path(inst.key))
         for d in dispatches:
             for r in d.requests:
                 self._retry_or_fail(r, inst, how)
@@ -758,14 +791,14 @@ class Daemon:
     def _retry_or_fail(self, r: Request, inst: Instance, how: str) -> None:
         others = any(i is not inst and i.state in (S.STARTING, S.READY) for i in self._members(r.pool))
         if not r.retried and others and r.pool in self.sched.queues and self.phase is not Phase.CLOSING:
-            r.retried, r.avoid = True, inst.id
+            r.retried, r.avoid = True, inst.key
             self.sched.requeue(r)
         else:
             self._fail(r, f"instance {inst.id} {how} while serving this request")
 
     def _kill(self, inst: Instance, why: str) -> None:
         log.warning("instance %d: %s; killing it", inst.id, why)
-        code = self.group.kill(inst.id)
+        code = self.group.kill(inst.key)
         if code is not None:
             self._on_exit(inst, f"was killed ({why})")
 
@@ -838,10 +871,13 @@ class Daemon:
         for iid in change.kept:
             self.instances[iid].pool = fresh[iid].pool
             fresh[iid] = self.instances[iid]
-        for iid in change.replaced:  # counts carry over: a reload does not reset them
+        for iid in change.replaced:
             src, dst = self.instances[iid], fresh[iid]
-            dst.served, dst.errors, dst.restarts = src.served, src.errors, src.restarts
-            dst.busy_ns, dst.ready_once = src.busy_ns, src.ready_once
+            dst.ready_once = src.ready_once
+            src.pool = dst.pool  # the predecessor serves its successor's pool until relieved
+            if not src.state.alive:  # not running (restarting, given up): nothing to relieve
+                src.state = S.STOPPED
+                src.fold_into(dst)  # counts carry over (the others' when they exit)
         self.others.extend(old.values())
         self.instances = fresh
         self.pools = {s.name: self.pools.get(s.name) or Pool(s) for s in specs}
@@ -860,7 +896,8 @@ class Daemon:
         self.rollout = Rollout(change, deque(change.replaced), old)
         self.plan, self.plan_file = plan, path
         self._announced_ready = False
-        log.info("reloading %s: kept %s, replacing %s one at a time, adding %s, removing %s",
+        log.info("reloading %s: kept %s, replacing %s one at a time (each successor ready before "
+                 "its predecessor stops), adding %s, removing %s",
                  path, list(change.kept), list(change.replaced), list(change.added),
                  list(change.removed))
         self._advance_rollout()
@@ -874,18 +911,19 @@ class Daemon:
         if ro is None:
             return
         view = RolloutView(
-            starting=frozenset(i for i, x in self.instances.items() if x.state is S.STARTING),
+            starting=frozenset(i for i, x in self.instances.items()
+                               if x.state in (S.STARTING, S.RESTARTING)),
             pending=frozenset(i for i, x in self.instances.items() if x.state is S.PENDING),
-            old_alive=frozenset(i for i, x in ro.old.items() if x.state.alive))
+            old_alive=frozenset(i for i, x in ro.old.items() if x.state.alive),
+            old_retiring=frozenset(i for i, x in ro.old.items() if x.state is S.RETIRING))
         step = next_step(ro.diff, ro.current, tuple(ro.replace), view)
-        if step.action == START:
-            old, new = ro.old[step.instance], self.instances[step.instance]
-            new.served, new.errors, new.busy_ns = old.served, old.errors, old.busy_ns
-            self._spawn(new)
-        elif step.action == RETIRE:
+        if step.action == NEXT:
             ro.current = ro.replace.popleft()
-            self._retire(ro.old[ro.current])
-            self._advance_rollout()  # an old instance that was not running: its successor starts now
+            self._advance_rollout()  # its successor starts now
+        elif step.action == START:  # beside the predecessor, which serves until this is ready
+            self._spawn(self.instances[step.instance])
+        elif step.action == RETIRE:  # the successor is ready (or given up): drain the old one
+            self._retire(ro.old[step.instance])
         elif step.action == RETIRE_REMOVED:
             for iid in ro.diff.removed:
                 self._retire(ro.old[iid])
@@ -906,7 +944,7 @@ class Daemon:
     def _send_stop(self, inst: Instance) -> None:
         inst.stop_sent_at = time.monotonic()
         try:
-            self.coord.send(inst.id, protocol.STOP)
+            self.coord.send(inst.key, protocol.STOP)
         except WorkerFailed:
             pass  # already gone: the exit check marks it stopped
 
@@ -937,7 +975,7 @@ class Daemon:
         self.phase = Phase.CLOSING
         self.deadline = time.monotonic() + self.opts.grace_s
         for iid in self.group.alive():
-            inst = self._live(iid)
+            inst = self._worker(iid)
             if inst is not None:
                 self._send_stop(inst)
 
@@ -1017,14 +1055,21 @@ class Daemon:
         return any(i.state is S.FAILED or i.deaths.degraded(now_ms) for i in self._members(pool)
                    if i.state is not S.STOPPED)
 
-    def _shown(self) -> list[Instance]:
-        """One object per id: the one whose process runs (an old one until its successor
-        starts), then the current plan's."""
-        shown = {i.id: i for i in self.instances.values()}
-        for i in self.others:
-            if i.state.alive or i.id not in shown:
-                shown[i.id] = i
-        return [shown[k] for k in sorted(shown)]
+    def _shown(self) -> list[tuple[Instance, list[Instance]]]:
+        """One row per id: (the object shown, every object of that id). During a reload's swap
+        the predecessor is shown until its successor is ready; counts are summed over both."""
+        by_id: dict[int, list[Instance]] = {}
+        for i in self._all():
+            by_id.setdefault(i.id, []).append(i)
+        rows = []
+        for iid in sorted(by_id):
+            group = by_id[iid]
+            current = self.instances.get(iid)
+            old = [i for i in group if i is not current and i.state.alive]
+            shown = current if current is not None and (current.state is S.READY or not old) \
+                else (old or group)[0]
+            rows.append((shown, group))
+        return rows
 
     def snapshot(self, latency: bool = True) -> DaemonStatus:
         """The public status facts (metrics read these; latency=False skips the percentiles)."""
@@ -1039,9 +1084,13 @@ class Daemon:
             for name, p in self.pools.items())
         instances = tuple(InstanceStatus(
             id=i.id, pool=i.pool, state=i.state.value, pid=i.pid, cpus=tuple(i.plan.cpus),
-            memory_nodes=tuple(i.plan.memory_nodes), threads=i.plan.threads, load=len(i.inflight),
-            served=i.served, errors=i.errors, restarts=i.restarts, busy_s=round(i.busy_ns / 1e9, 3),
-            last_exit=i.last_exit, last_error=i.last_error) for i in self._shown())
+            memory_nodes=tuple(i.plan.memory_nodes), threads=i.plan.threads,
+            load=sum(len(x.inflight) for x in group), served=sum(x.served for x in group),
+            errors=sum(x.errors for x in group), restarts=sum(x.restarts for x in group),
+            busy_s=round(sum(x.busy_ns for x in group) / 1e9, 3),
+            last_exit=i.last_exit, last_error=i.last_error,
+            swap_pid=next((x.pid for x in group if x is not i and x.state.alive), None))
+            for i, group in self._shown())
         o = self.opts
         return DaemonStatus(
             pid=os.getpid(), endpoint=self.endpoint, state=self.state(),

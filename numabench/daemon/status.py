@@ -74,6 +74,9 @@ class InstanceStatus:
     busy_s: float
     last_exit: str | None
     last_error: str | None
+    # A reload's swap: the pid of the other process of this id (the successor warming up beside
+    # the predecessor shown, or the predecessor still draining beside the successor shown).
+    swap_pid: int | None = None
 
 
 @dataclass(frozen=True)
