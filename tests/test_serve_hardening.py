@@ -172,8 +172,9 @@ def test_rolling_reload_under_load_loses_nothing_and_never_empties_the_pool(tmp_
         plan.write_text(PLAN.format(a=b, b=a))  # both instances change
         r = d.cli("reload")
         assert r.returncode == 0, r.stderr
-        new = d.wait_status(lambda s: all(i["state"] == "ready" and i["pid"] not in old_pids
-                                          for i in s["instances"]), timeout=120)
+        # "serving" once the rollout is done: the new workers ready, the old ones exited and reaped.
+        new = d.wait_status(lambda s: s["state"] == "serving" and all(
+            i["state"] == "ready" and i["pid"] not in old_pids for i in s["instances"]), timeout=120)
         done.set()
         for t in threads:
             t.join(60)

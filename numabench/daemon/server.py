@@ -676,7 +676,7 @@ class Daemon:
                 info = head.get("model_info") or {}
                 vocab = info.get("vocab_size") if isinstance(info, dict) else None
                 self.vocab_size = vocab if isinstance(vocab, int) else self.vocab_size
-                log.info("instance %d ready (pid %s, affinity %s)", iid, head.get("pid"),
+                log.info("instance %d ready (pid %s, affinity %s)", inst.id, head.get("pid"),
                          head.get("affinity"))
                 self._announce_ready()
         elif kind == protocol.RESULT:
@@ -687,13 +687,13 @@ class Daemon:
         elif kind == protocol.ERROR:
             if head.get("fatal", True):
                 inst.last_error = short(head.get("message"), 500)
-                log.error("instance %d: fatal error: %s", iid, inst.last_error)
+                log.error("instance %d: fatal error: %s", inst.id, inst.last_error)
                 return  # the worker exits; _check_processes restarts it
             d = self._take_dispatch(inst, head.get("req"))
             if d is not None:
                 inst.errors += 1
                 for r in d.requests:
-                    self._fail(r, f"instance {iid}: {short(head.get('message'))}")
+                    self._fail(r, f"instance {inst.id}: {short(head.get('message'))}")
 
     def _take_dispatch(self, inst: Instance, req: Any) -> Dispatch | None:
         d = inst.inflight.pop(req, None) if isinstance(req, int) else None
