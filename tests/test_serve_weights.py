@@ -75,3 +75,30 @@ def test_no_share_weights_maps_nothing(tmp_path, shm_dir):
         assert not shm_dir.exists() or not list(shm_dir.iterdir())
     finally:
         d.close()
+
+
+def test_reload_to_another_node_writes_its_copy_and_removes_the_unused_one(tmp_path, shm_dir, monkeypatch):
+    from test_serve import USABLE
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    plan = tmp_path / "plan.yaml"
+    text = ("version: 1\nbatch: 1\ninstances:\n- {{id: 0, cpus: '{cpu}', memory_nodes: {nodes}, "
+            "threads: 1, batch: 1}}\n")
+    plan.write_text(text.format(cpu=USABLE[0], nodes="[]"))
+    d = Daemon(tmp_path, "--plan", str(plan), "--backend", "pytorch", "--weights-dir", str(shm_dir))
+    try:
+        (before,) = d.status()["weights"].values()
+        assert "nodes-any" in before
+        node = min(int(p.name[4:]) for p in Path("/sys/devices/system/node").glob("node[0-9]*"))
+        plan.write_text(text.format(cpu=USABLE[0], nodes=f"[{node}]"))
+        r = d.cli("reload")
+        assert r.returncode == 0, r.stderr
+        s = d.wait_status(lambda s: s["state"] == "serving" and s["instances"][0]["memory_nodes"] == [node],
+                          timeout=120)
+        assert list(s["weights"]) == [f"node{node}"], s["weights"]
+        (after,) = s["weights"].values()
+        assert os.path.exists(after) and not os.path.exists(before)
+        assert after in Path(f"/proc/{s['instances'][0]['pid']}/maps").read_text()
+    finally:
+        d.close()
+    assert not os.path.exists(after)

@@ -987,10 +987,15 @@ class Daemon:
 
     def _close(self) -> None:
         """Stop every worker, answer STOP callers and whatever else came in, release everything."""
+        from numabench.workers.backends import release_preparation
+
         try:
             if self.group is not None:
                 self.group.stop(self.opts.grace_s if self.phase is not Phase.DONE else 0.5)
         finally:
+            # The workers are gone: their weights copies go first (a daemon killed with -9
+            # leaves them, named with its pid, for the next serve or launch to remove).
+            release_preparation(self.prepared)
             if self.metrics:
                 self.metrics.close()
             if self.client is not None:
@@ -1009,11 +1014,6 @@ class Daemon:
                 self.coord.close()
             if self.worker_dir is not None:
                 shutil.rmtree(self.worker_dir, ignore_errors=True)
-            # The workers are gone: their weights copies go too (a daemon killed with -9 leaves
-            # them, named with its pid, for the next serve or launch to remove).
-            from numabench.workers.backends import release_preparation
-
-            release_preparation(self.prepared)
             if self.endpoint.startswith("ipc://"):
                 try:
                     os.unlink(self.endpoint[len("ipc://"):])
