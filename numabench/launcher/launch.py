@@ -161,10 +161,13 @@ class _Run:
 
     def prepare(self) -> None:
         """Probe binding, allocator and governors: refusals come before any process starts."""
+        o = self.opts
         self.binder, self.preload = binding.prepare_binding(
-            self.plan, self.opts.binder, self.opts.allocator, self.opts.path)
+            self.plan, "none" if o.framework_defaults else o.binder, o.allocator, o.path)
         self.warnings.extend(self.binder.warnings)
-        self.threading = binding.prepare_threading(self.opts.omp_runtime, self.opts.pin_threads)
+        # Unbound instances get no thread placement either: OMP_PLACES naming CPUs would pin
+        # the threads after all.
+        self.threading = binding.prepare_threading(o.omp_runtime, o.pin_threads and self.binder.binds_cpus)
         self.governors = binding.cpu_governors(self.plan.cpus)
         slow = sorted({g for g in self.governors.values() if g != "performance"})
         if slow:
@@ -196,19 +199,24 @@ class _Run:
             cfg = spawn.worker_config(
                 inst, endpoint=coord.endpoint, model=w.model, backend=w.backend,
                 precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
+                set_threads=not self.opts.framework_defaults,
                 timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
                 options={**w.backend_options,
                          **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {}),
                          **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})})
             self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
-            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading)
+            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading,
+                                           set_threads=not self.opts.framework_defaults)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
-            self.log(f"instance {inst.id}: pid {started.pid}, cpus {list(inst.cpus)}, "
-                     f"memory nodes {list(inst.memory_nodes)}, {inst.threads} threads, binder {binder.name}")
+            threads = ("framework default threads" if self.opts.framework_defaults
+                       else f"{inst.threads} threads")
+            self.log(f"instance {inst.id}: pid {started.pid}, {binder.describe(inst)}, {threads}, "
+                     f"binder {binder.name}")
         self.env_info = {
-            "binder": binder.name, "binds_memory": binder.binds_memory,
+            "binder": binder.name, "binds_memory": binder.binds_memory, "binds_cpus": binder.binds_cpus,
+            "framework_defaults": self.opts.framework_defaults,
             "allocator": self.opts.allocator, "preload": preload,
             "variables_set": {str(k): v for k, v in applied_env.items()},
             "transport": self.opts.transport, "governors": governors,
@@ -253,10 +261,12 @@ class _Run:
             self.log(f"all {n} instances ready")
         for inst in self.plan.instances:
             got = self.ready[inst.id].get("affinity")
-            if got is not None and sorted(got) != sorted(inst.cpus):
+            if not self.binder.binds_cpus:  # unbound by design: the affinity is recorded, not judged
+                self.log(f"instance {inst.id} unbound: may run on CPUs {got}")
+            elif got is not None and sorted(got) != sorted(inst.cpus):
                 self.warnings.append(f"instance {inst.id} runs on CPUs {got}, the plan asked for "
                                      f"{list(inst.cpus)}")
-            if self.ready[inst.id].get("threads") not in (None, inst.threads):
+            if not self.opts.framework_defaults and self.ready[inst.id].get("threads") not in (None, inst.threads):
                 self.warnings.append(f"instance {inst.id} runs {self.ready[inst.id]['threads']} "
                                      f"threads, the plan asked for {inst.threads}")
 
@@ -323,7 +333,11 @@ class _Run:
                          **({"backend": self.prepared.record} if self.prepared else {})},
             instances={
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
-                                      "threads": i.threads, "batch": i.batch},
+                                      "threads": None if self.opts.framework_defaults else i.threads,
+                                      "batch": i.batch},
+                            # what numabench really bound ([]: not bound; got.affinity and
+                            # got.mempolicy say what the worker then ran with)
+                            "bound": self.binder.bound(i),
                             "got": {k: v for k, v in self.ready.get(i.id, {}).items()
                                     if k not in ("type", "v", "arrays")}}
                 for i in self.plan.instances},
