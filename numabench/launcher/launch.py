@@ -93,6 +93,26 @@ def check_workload(plan: Plan, workload: Workload) -> None:
             raise NumabenchError(f"--text {workload.text_file}: no non-empty lines")
 
 
+def dry_run_text(machine: Machine, plan: Plan, what: str = "launch") -> str:
+    """What `launch|serve --dry-run` prints: the validated plan's instances on this machine (or a
+    captured tree's), with a flag when its cores leave some usable physical cores idle."""
+    from numabench.plans.render import render_plan
+
+    text = render_plan(plan, machine)
+    flag = placement.core_use(machine, plan.cpus).flag()
+    if flag:
+        text += f"idle cores: the plan {flag}\n"
+    return text + f"{what} --dry-run: plan valid for {machine.model_name or 'this machine'}; nothing was run\n"
+
+
+def refuse_foreign_root(root: str, dry_run: bool, command: str) -> None:
+    """A captured tree describes another machine: plan against it, never run on it."""
+    if not dry_run and os.path.realpath(root) != "/":
+        raise NumabenchError(f"{command} --root {root}: a captured tree is another machine's, and "
+                             f"nothing can run on it from here; add --dry-run to plan and check "
+                             f"against it, or drop --root to run on this machine")
+
+
 def read_texts(path: str) -> list[str]:
     text = read_text(path, "--text file")
     return [line.strip() for line in text.splitlines() if line.strip()]
