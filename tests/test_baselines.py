@@ -102,3 +102,126 @@ def test_explicit_cpu_only_binder_warns_and_never_logs_unbound_memory(tmp_path, 
 def test_plan_without_memory_nodes_gets_no_memory_warning():
     b = binding.detect_binder("self", probe_cpu=0, probe_node=None)
     assert b.warnings == ()
+
+
+# ---- the experiment option baseline: [oob, unpinned] -----------------------------------------
+
+def test_baseline_option_expands_oob_once_per_batch_and_an_unpinned_twin_per_split():
+    from test_plans_support import article_machine
+
+    from numabench.experiments import ExperimentError, expand, parse_experiment, validate_points
+
+    m = article_machine()
+    e = parse_experiment("version: 1\nkind: batch-scaling\nmodel: bert-tiny\nseq: [8, 16]\n"
+                         "batch: [4, 8]\ninstances: [1, 4]\nbaseline: [oob, unpinned]\n", name="e.yaml")
+    assert e.baselines == ("oob", "unpinned")
+    pts = expand(e, m)
+    # per seq: (oob, 1, 1u, 4, 4u) for batch 4 then batch 8
+    assert [p.setup for p in pts[:5]] == ["oob", "pinned", "unpinned", "pinned", "unpinned"]
+    assert len(pts) == 2 * 2 * 5 and sum(p.setup == "oob" for p in pts) == 4
+    ids = [p.id for p in pts[:5]]
+    assert ids == ["bert-tiny_pytorch_fp32_s8_b4_oob_r0", "bert-tiny_pytorch_fp32_s8_b4_n1x48_r0",
+                   "bert-tiny_pytorch_fp32_s8_b4_n1x48-unpinned_r0", "bert-tiny_pytorch_fp32_s8_b4_n4x12_r0",
+                   "bert-tiny_pytorch_fp32_s8_b4_n4x12-unpinned_r0"]
+    plans = validate_points(pts, m, "e.yaml")
+    oob = plans[0]
+    assert len(oob.instances) == 1 and oob.cpus == tuple(range(96)) and oob.instances[0].memory_nodes == ()
+    assert plans[2] == plans[1]  # the unpinned twin runs the very same split
+    # pinned points keep their old id and parameters (a sweep made before baselines resumes)
+    assert "setup" not in pts[1].to_dict() and pts[2].to_dict()["setup"] == "unpinned"
+    from numabench.launcher.options import LaunchOptions
+
+    base = LaunchOptions(binder="numactl")
+    assert pts[1].launch_options(base) is base
+    assert pts[2].launch_options(base).binder == "none" and not pts[2].launch_options(base).framework_defaults
+    assert pts[0].launch_options(base).framework_defaults
+    with pytest.raises(ExperimentError, match=r"e.yaml:3: baseline\[1\]: unknown baseline 'pinned'"):
+        parse_experiment("version: 1\nkind: grid\nbaseline: [oob, pinned]\n", name="e.yaml")
+
+
+def sweep_with_baselines(tmp_path):
+    exp = tmp_path / "b.yaml"
+    exp.write_text("version: 1\nkind: grid\nname: b\nmodel: bert-tiny\nbackend: noop\nseq: 8\n"
+                   "batch: 2\ninstances: [1, 2]\nbaseline: [oob, unpinned]\niterations: 3\n"
+                   "warmup: 1\nbackend_options: {compute_ns: 200000}\n")
+    out = tmp_path / "res"
+    r = numabench("sweep", str(exp), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@TWO_CPUS
+def test_sweep_baselines_in_manifest_table_and_figure_data(tmp_path):
+    out = sweep_with_baselines(tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries = {e["id"]: e for e in manifest["points"]}
+    assert list(entries) == ["bert-tiny_noop_fp32_s8_b2_oob_r0", "bert-tiny_noop_fp32_s8_b2_n1_r0",
+                             "bert-tiny_noop_fp32_s8_b2_n1-unpinned_r0", "bert-tiny_noop_fp32_s8_b2_n2_r0",
+                             "bert-tiny_noop_fp32_s8_b2_n2-unpinned_r0"]
+    assert all(e["status"] == "ok" for e in entries.values())
+    assert entries["bert-tiny_noop_fp32_s8_b2_oob_r0"]["params"]["setup"] == "oob"
+    assert "framework defaults" in entries["bert-tiny_noop_fp32_s8_b2_oob_r0"]["label"]
+    # what ran: the oob process unbound with no thread variable, unpinned twins unbound with threads
+    doc = lambda i: json.loads((out / "points" / f"{i}.json").read_text())  # noqa: E731
+    oob = doc("bert-tiny_noop_fp32_s8_b2_oob_r0")
+    assert oob["environment"]["framework_defaults"] is True and oob["environment"]["binder"] == "none"
+    assert oob["environment"]["variables_set"] == {"0": {}}
+    assert oob["instances"]["0"]["asked"]["threads"] is None
+    assert oob["instances"]["0"]["got"]["affinity"] == USABLE
+    un = doc("bert-tiny_noop_fp32_s8_b2_n2-unpinned_r0")
+    assert un["environment"]["binder"] == "none" and not un["environment"]["framework_defaults"]
+    assert all(i["got"]["affinity"] == USABLE and i["bound"]["cpus"] == [] for i in un["instances"].values())
+    pinned = doc("bert-tiny_noop_fp32_s8_b2_n2_r0")
+    assert all(i["got"]["affinity"] == i["asked"]["cpus"] != USABLE for i in pinned["instances"].values())
+
+    r = numabench("report", str(out))
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.splitlines()
+    assert "setup" in table[0].split()
+    assert [line.split()[table[0].split().index("setup")] for line in table[1:6]] == \
+        ["oob", "pinned", "unpinned", "pinned", "unpinned"]
+    plots = json.loads((out / "report" / "plots.json").read_text())["plots"]
+    for name in ("max-latency-vs-instances", "throughput-vs-instances"):
+        p = plots[name]
+        (panel,) = p["panels"]  # pinned, unpinned and the default process in the same panel
+        by_setup = {line["setup"]: line for line in panel["lines"]}
+        assert set(by_setup) == {"pinned", "unpinned", "oob"}
+        assert by_setup["pinned"]["x"] == by_setup["unpinned"]["x"] == [1, 2]
+        assert by_setup["oob"]["x"] == [1] and by_setup["oob"]["label"] == "out of the box (1 process)"
+        assert any("dotted across the panel" in n for n in p["notes"])
+    assert all(line["setup"] != "oob" for line in plots["best-instances"]["panels"][0]["lines"])
+    svg = (out / "report" / "throughput-vs-instances.svg").read_text()
+    for label in ("pinned", "unpinned", "out of the box (1 process)"):
+        assert f"line:{label}" in svg  # each drawn, with its own legend entry
+    html = (out / "report" / "report.html").read_text()
+    assert "<th class=l>setup</th>" in html and ">unpinned</td>" in html and ">oob</td>" in html
+    rows = list(__import__("csv").DictReader(open(out / "report" / "points.csv")))
+    assert [r["setup"] for r in rows] == ["oob", "pinned", "unpinned", "pinned", "unpinned"]
+
+
+def test_drawn_baselines_keep_lines_distinct_and_the_legend_outside():
+    """pinned, unpinned and oob lines for two batches in one panel: every line its own colour
+    and marker, the oob values drawn as references, the legend off the data."""
+    from test_report import check_layout, grid_doc
+
+    from numabench.experiments.report import caption, draw, plot_data, point_row
+
+    rows = []
+    for b in (4, 8):
+        for n in (1, 2, 4):
+            for setup in ("pinned", "unpinned"):
+                d = grid_doc(32, b, n)
+                d["experiment"]["point"]["setup"] = setup
+                rows.append(point_row(f"{b}{n}{setup}.json", d))
+        d = grid_doc(32, b, 1)
+        d["experiment"]["point"]["setup"] = "oob"
+        rows.append(point_row(f"{b}oob.json", d))
+    plots = {p.name: p for p in plot_data(rows)}
+    p = plots["throughput-vs-instances"]
+    assert [line.setup for line in p.panels[0].lines] == ["oob", "pinned", "unpinned"] * 2
+    fig = check_layout(draw(p, caption([grid_doc(32, 4, 1)])), panels=1)
+    styles = {ln.get_gid(): ln.get_linestyle() for ln in fig.axes[0].get_lines()
+              if (ln.get_gid() or "").startswith("line:")}
+    assert styles == {"line:batch 4, pinned": "-", "line:batch 4, unpinned": "-.",
+                      "line:batch 4, out of the box (1 process)": ":", "line:batch 8, pinned": "-",
+                      "line:batch 8, unpinned": "-.", "line:batch 8, out of the box (1 process)": ":"}

@@ -187,7 +187,7 @@ class _Sweep:
             while run_dir.with_name(f"{p.id}.attempt-{attempt}").exists():
                 attempt += 1
             run_dir.rename(run_dir.with_name(f"{p.id}.attempt-{attempt}"))
-        opts = replace(self.launch_opts, run_dir=run_dir, output=None)
+        opts = replace(p.launch_options(self.launch_opts), run_dir=run_dir, output=None)
         return self._record(k, p, run_launch(self.machine, plan, p.workload(), opts).to_dict())
 
     def _record(self, k: int, p: Point, doc: dict[str, Any]) -> dict[str, Any]:
