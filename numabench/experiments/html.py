@@ -35,7 +35,8 @@ COLUMNS = (("id", "point", True), ("model", "model", True), ("backend", "backend
            ("status", "status", True),
            ("latency_p50_ms", "latency p50 ms", False), ("max_latency_p50_ms", "max latency p50 ms", False),
            ("max_latency_p90_ms", "max latency p90 ms", False), ("throughput", "samples/s (window)", False),
-           ("throughput_sum", "samples/s (sum)", False), ("warnings", "warnings", True))
+           ("throughput_sum", "samples/s (sum)", False),
+           ("padding_overhead", "padding (padded / real tokens)", False), ("warnings", "warnings", True))
 
 
 def _e(v: Any) -> str:

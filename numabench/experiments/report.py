@@ -30,7 +30,7 @@ ROW_COLUMNS = ("id", "model", "backend", "precision", "seq", "mode", "batch", "i
                "cores_per_instance", "cores", "cpus", "idle_cores", "smt", "setup", "threads", "repetition",
                "status", "requests", "samples", "latency_p50_ms", "latency_p90_ms",
                "max_latency_p50_ms", "max_latency_p90_ms", "throughput", "throughput_sum",
-               "imbalance", "warnings", "warning_messages")
+               "imbalance", "padding_overhead", "warnings", "warning_messages")
 # A line is one combination of these (those that vary among the points plotted); seq always.
 # setup last: a batch's pinned, unpinned and out-of-the-box lines sit together in a panel.
 SERIES_FIELDS = ("model", "backend", "precision", "batch", "smt", "mode", "seq", "setup")
@@ -219,6 +219,8 @@ def _point_row(name: str, doc: dict[str, Any]) -> dict[str, Any]:
         "max_latency_p50_ms": max_p50, "max_latency_p90_ms": max_p90,
         "throughput": s["throughput"], "throughput_sum": s["throughput_sum"],
         "imbalance": s.get("imbalance"),
+        # real text: tokens computed after padding / real tokens (None for random ids)
+        "padding_overhead": (s.get("tokens") or {}).get("padding_overhead"),
         "warnings": "; ".join(warning_tags(warnings) + (["idle cores"] if idle else [])),
         "warning_messages": " | ".join(warnings),
     }
@@ -239,7 +241,7 @@ TABLE_COLUMNS = (("model", "model"), ("backend", "backend"), ("precision", "prec
                  ("repetition", "rep"), ("status", "status"), ("latency_p50_ms", "lat p50 ms"),
                  ("max_latency_p50_ms", "max lat p50 ms"), ("max_latency_p90_ms", "max lat p90 ms"),
                  ("throughput", "samples/s"), ("throughput_sum", "sum samples/s"),
-                 ("warnings", "warnings"))
+                 ("padding_overhead", "padding x"), ("warnings", "warnings"))
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:

@@ -166,6 +166,7 @@ class _Run:
         self.noise = NoiseRecorder(plan.cpus)  # other processes on the plan's CPUs during the window
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.repetition: dict[str, Any] | None = None
+        self.text_lengths: dict[int, list[int]] = {}  # --text: each instance's rows, real tokens
 
     @property
     def window_start_ns(self) -> int | None:
@@ -305,8 +306,10 @@ class _Run:
     def measure(self, coord: Coordinator) -> None:
         w, inflight = self.workload, self.opts.inflight
         vocab = {i: int(r.get("model_info", {}).get("vocab_size") or 1000) for i, r in self.ready.items()}
-        payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab,
-                                 read_texts(w.text_file) if w.text_file else None)
+        texts = read_texts(w.text_file) if w.text_file else None
+        payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab, texts)
+        if texts:
+            self.text_lengths = text_lengths(w, payloads)
         self.log(f"measuring ({w.mode} mode, {inflight} in flight per instance)"
                  if w.mode == "throughput" else f"measuring ({w.mode} mode)")
         self.noise.start()
@@ -341,7 +344,11 @@ class _Run:
         from numabench.plans import dump_plan
         from numabench.topology import machine_to_dict
 
-        summary = summarize(self.samples, self.workload.mode, self.window_start_ns)
+        samples = self.samples
+        if self.text_lengths:  # every request of an instance sends the same rows
+            samples = [replace(s, tokens=sum(self.text_lengths[s.instance])) for s in samples]
+        summary = summarize(samples, self.workload.mode, self.window_start_ns,
+                            seq=self.workload.seq if self.text_lengths else None)
         versions = next((r.get("versions") for r in self.ready.values() if r.get("versions")), {})
         return RunResult(
             status=status, error=error, failed_instance=failed_instance,
@@ -358,10 +365,12 @@ class _Run:
                             # what numabench really bound ([]: not bound; got.affinity and
                             # got.mempolicy say what the worker then ran with)
                             "bound": self.binder.bound(i),
+                            **({"text": {"token_lengths": self.text_lengths[i.id], "padded_to": self.workload.seq}}
+                               if i.id in self.text_lengths else {}),
                             "got": {k: v for k, v in self.ready.get(i.id, {}).items()
                                     if k not in ("type", "v", "arrays")}}
                 for i in self.plan.instances},
-            window_start_ns=self.window_start_ns, samples=tuple(self.samples), summary=summary,
+            window_start_ns=self.window_start_ns, samples=tuple(samples), summary=summary,
             warnings=tuple(self.warnings) + summary.warnings + tuple(self.noise.warnings()),
             repetition=self.repetition,
             # requests sent and never answered (a failed or interrupted run)
@@ -374,6 +383,19 @@ class _Run:
         for p in paths:
             write_json_atomic(p, doc)
         return paths
+
+
+def text_lengths(workload: Workload, payloads: dict[int, Any]) -> dict[int, list[int]]:
+    """Each instance's rows' real token counts, tokenized here exactly as its worker does
+    (same tokenizer, truncated at seq), so the results can say how much of the work was padding."""
+    from numabench.workers import requests
+    from numabench.workers.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(workload.model))
+    if tokenizer is None:
+        return {}
+    return {iid: requests.token_lengths(tokenizer, head["texts"], max_length=workload.seq)
+            for iid, (head, _) in payloads.items() if head.get("texts")}
 
 
 def _startup_record(startup: dict[int, dict[str, int]]) -> dict[str, Any]:
