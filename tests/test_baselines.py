@@ -139,6 +139,26 @@ def test_baseline_option_expands_oob_once_per_batch_and_an_unpinned_twin_per_spl
         parse_experiment("version: 1\nkind: grid\nbaseline: [oob, pinned]\n", name="e.yaml")
 
 
+def test_experiment_binder_key_binds_its_points_and_is_checked():
+    from test_plans_support import article_machine
+
+    from numabench.experiments import ExperimentError, expand, parse_experiment
+    from numabench.experiments.spec import BINDER_CHOICES
+    from numabench.launcher.options import LaunchOptions
+
+    assert BINDER_CHOICES == binding.BINDERS
+    e = parse_experiment("version: 1\nkind: grid\nmodel: bert-tiny\ninstances: 2\nbinder: none\n"
+                         "baseline: oob\n", name="e.yaml")
+    oob, split = expand(e, article_machine())
+    assert split.binder == "none" and split.to_dict()["binder"] == "none" and "binder" not in oob.to_dict()
+    assert split.launch_options(LaunchOptions(binder="numactl")).binder == "none"
+    assert oob.launch_options(LaunchOptions(binder="numactl")).framework_defaults
+    with pytest.raises(ExperimentError, match="e.yaml:3: binder: binder none already runs every point unpinned"):
+        parse_experiment("version: 1\nkind: grid\nbinder: none\nbaseline: [unpinned]\n", name="e.yaml")
+    with pytest.raises(ExperimentError, match="e.yaml:3: binder: unknown binder 'numa'"):
+        parse_experiment("version: 1\nkind: grid\nbinder: numa\n", name="e.yaml")
+
+
 def sweep_with_baselines(tmp_path):
     exp = tmp_path / "b.yaml"
     exp.write_text("version: 1\nkind: grid\nname: b\nmodel: bert-tiny\nbackend: noop\nseq: 8\n"

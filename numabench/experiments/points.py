@@ -45,6 +45,7 @@ class Point:
     seed: int
     backend_options: tuple[tuple[str, Any], ...] = ()
     setup: str = "pinned"  # one of SETUPS
+    binder: str | None = None  # the experiment's `binder:` for its own points (None: --binder)
 
     @property
     def id(self) -> str:
@@ -73,6 +74,8 @@ class Point:
         d["backend_options"] = dict(self.backend_options)
         if self.setup == "pinned":  # as before baselines existed: older sweeps resume unchanged
             del d["setup"]
+        if self.binder is None:
+            del d["binder"]
         return d
 
     @classmethod
@@ -113,7 +116,7 @@ class Point:
             return replace(opts, binder="none")
         if self.setup == "oob":
             return replace(opts, binder="none", framework_defaults=True)
-        return opts
+        return replace(opts, binder=self.binder) if self.binder else opts
 
 
 def oob_plan(machine: Machine, batch: int) -> Plan:
@@ -233,7 +236,8 @@ def expand(exp: Experiment, machine: Machine) -> tuple[Point, ...]:
                     oob_done.add(batch)
                     points.append(Point(instances=1, cores_per_instance=None, smt=False, setup="oob",
                                         **common))
-                points.append(Point(instances=n, cores_per_instance=c, smt=smt, **common))
+                points.append(Point(instances=n, cores_per_instance=c, smt=smt, binder=exp.binder,
+                                    **common))
                 if "unpinned" in baselines:  # right after its pinned twin: drift hits both alike
                     points.append(Point(instances=n, cores_per_instance=c, smt=smt, setup="unpinned",
                                         **common))

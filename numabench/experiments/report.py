@@ -48,15 +48,15 @@ SETUP_LINESTYLES = {"pinned": "-", "unpinned": "-.", "oob": ":"}
 
 
 def row_setup(doc: dict[str, Any]) -> str:
-    """pinned | unpinned | oob: the sweep point's, else what the run's environment recorded
-    (so plain `launch --binder none` results report as unpinned too)."""
-    point = (doc.get("experiment") or {}).get("point") or {}
-    if point.get("setup"):
-        return str(point["setup"])
+    """pinned | unpinned | oob: what the run's environment recorded (so plain `launch --binder
+    none` results report as unpinned too), else the sweep point's."""
     env = doc.get("environment") or {}
     if env.get("framework_defaults"):
         return "oob"
-    return "unpinned" if env.get("binder") == "none" else "pinned"
+    if env.get("binder") == "none":
+        return "unpinned"
+    point = (doc.get("experiment") or {}).get("point") or {}
+    return str(point.get("setup") or "pinned")
 
 
 def row_threads(doc: dict[str, Any], setup: str):
