@@ -245,3 +245,22 @@ def test_drawn_baselines_keep_lines_distinct_and_the_legend_outside():
     assert styles == {"line:batch 4, pinned": "-", "line:batch 4, unpinned": "-.",
                       "line:batch 4, out of the box (1 process)": ":", "line:batch 8, pinned": "-",
                       "line:batch 8, unpinned": "-.", "line:batch 8, out of the box (1 process)": ":"}
+
+
+@TWO_CPUS
+@pytest.mark.parametrize("binder_name", ["none", "auto"])
+def test_serve_binder_none_leaves_its_workers_unbound(tmp_path, binder_name):
+    """A real daemon's worker processes: with --binder none each may run on every CPU the daemon
+    had (read from the running process), bound it runs on its one planned CPU."""
+    import psutil
+    from test_serve import Daemon
+
+    d = Daemon(tmp_path, "--instances", "1", "--cores-per-instance", "1", "--binder", binder_name)
+    try:
+        (inst,) = d.status()["instances"]
+        got = sorted(psutil.Process(inst["pid"]).cpu_affinity())
+        assert got == (USABLE if binder_name == "none" else sorted(inst["cpus"]))
+        assert len(inst["cpus"]) == 1
+        assert "OMP_NUM_THREADS" in psutil.Process(inst["pid"]).environ()  # threads still set
+    finally:
+        d.close()
