@@ -500,19 +500,11 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
     from numabench.plans import plan_for_launch
     from numabench.topology import read_machine
 
-    plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
-                     smt=smt)
-    from numabench.launcher.launch import dry_run_text, refuse_foreign_root
-
-    refuse_foreign_root(root, dry_run, "serve")
-    if dry_run:  # the plan and its pools (seq range column) on this machine or --root; nothing starts
-        if ray_address:
-            raise NumabenchError("--dry-run plans against this machine or --root; drop --ray")
-        machine = read_machine(root)
-        click.echo(dry_run_text(machine, plan_for_launch(machine, **plan_args), "serve"), nl=False)
-        return
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="[serve] %(asctime)s %(levelname)s %(message)s")
+    plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
+                     smt=smt)
+    _serve_dry_run(dry_run, root, ray_address, plan_args)  # returns only when there is no --dry-run
     if metrics_port is not None and ray_address:
         raise NumabenchError("--metrics-port is per daemon; with --ray use each host's daemon status")
     if hosts is not None and not ray_address:
@@ -534,6 +526,23 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
         sys.exit(run_cluster_serve(ray_address, hosts, plan_args, opts, bind=bind))
     sys.exit(serve(plan, opts, plan_file=str(Path(plan_file).resolve()) if plan_file else None,
                    machine=machine))
+
+
+def _serve_dry_run(dry_run, root, ray_address, plan_args):
+    """serve --dry-run: the plan and its pools (seq range column) on this machine or --root,
+    then exit 0; nothing starts. --root without --dry-run is refused."""
+    from numabench.launcher.launch import dry_run_text, refuse_foreign_root
+    from numabench.plans import plan_for_launch
+    from numabench.topology import read_machine
+
+    refuse_foreign_root(root, dry_run, "serve")
+    if not dry_run:
+        return
+    if ray_address:
+        raise NumabenchError("--dry-run plans against this machine or --root; drop --ray")
+    machine = read_machine(root)
+    click.echo(dry_run_text(machine, plan_for_launch(machine, **plan_args), "serve"), nl=False)
+    sys.exit(0)
 
 
 @cli.command("status")
