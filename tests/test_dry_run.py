@@ -45,7 +45,9 @@ def test_article_experiments_dry_run_on_the_article_machine(name, article_tree, 
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
     if name == "batch-scaling":  # 48 cores: 32 x 1 leaves 16 idle, every other split covers them
         flagged = [line for line in numbered if line[4:6] == " !"]
-        assert flagged and all("_n32x1_" in line for line in flagged)
+        assert flagged and all("_n32x1" in line for line in flagged)
+        # with its baselines: an unpinned twin of every split, one default process per seq
+        assert sum("-unpinned_" in line for line in numbered) == 24 and sum("_oob_" in line for line in numbered) == 4
         assert all("leaves 16 of 48 usable physical cores idle" in line for line in flagged)
         assert r.output.strip().endswith(f"! {len(flagged)} of {len(numbered)} points leave usable "
                                          "physical cores idle")
