@@ -240,6 +240,9 @@ def test_drawn_baselines_keep_lines_distinct_and_the_legend_outside():
     p = plots["throughput-vs-instances"]
     assert [line.setup for line in p.panels[0].lines] == ["oob", "pinned", "unpinned"] * 2
     fig = check_layout(draw(p, caption([grid_doc(32, 4, 1)])), panels=1)
+    renderer = fig.canvas.get_renderer()
+    title, legend = fig._suptitle.get_window_extent(renderer), fig.legends[0].get_window_extent(renderer)
+    assert title.x1 < legend.x0 or title.y1 < legend.y0, "the long baseline legend covers the title"
     styles = {ln.get_gid(): ln.get_linestyle() for ln in fig.axes[0].get_lines()
               if (ln.get_gid() or "").startswith("line:")}
     assert styles == {"line:batch 4, pinned": "-", "line:batch 4, unpinned": "-.",

@@ -570,7 +570,8 @@ def draw(p: PlotData, cap: str):
                    for i, lab in enumerate(labels)]
         fig.legend(handles=handles + keys, loc="outside right upper", fontsize=8)
     title = p.title if p.kind != "bar" or not panels else f"{p.title}: the bar's label is the instance count"
-    fig.suptitle(title, fontsize=11)
+    # left-aligned: centred over the whole figure it ran into a wide legend at the top right
+    fig.suptitle(title, fontsize=11, x=0.01, ha="left")
     # The caption is the figure's supxlabel, so the layout keeps room for it under the panels.
     width = int(fig.get_figwidth() * 15)
     text = "\n".join(textwrap.fill(t, width) for t in [cap, *p.notes])
