@@ -81,7 +81,13 @@ root_option = click.option(
 # Shared by launch, serve and sweep: how workers are bound and which allocator they preload.
 binder_option = click.option(
     "--binder", type=click.Choice(BINDERS), default=BINDERS[0], show_default=True,
-    help="auto: numactl (CPUs and memory), else taskset, else the worker pins itself.")
+    help="auto: numactl (CPUs and memory), else taskset, else the worker pins itself; none: no "
+         "CPU or memory binding (the unpinned baseline; thread counts still set).")
+# Shared by launch, serve and sweep: plan against a captured machine, run nothing.
+dry_run_root_options = (
+    click.option("--dry-run", is_flag=True, help="Plan and validate against the machine (or --root); run nothing."),
+    click.option("--root", "root", default="/", show_default=True, type=click.Path(file_okay=False),
+                 help="With --dry-run: plan against this captured sysfs tree (another machine's)."))
 allocator_option = click.option(
     "--allocator", type=click.Choice(ALLOCATORS), default=ALLOCATORS[0],
     show_default=True, help="Preload an allocator library in every worker (recorded in the results).")
@@ -365,12 +371,14 @@ def build_workload(*, backend: str, compute_us: float | None = None, cache_dir: 
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @ray_option
 @click.option("--hosts", type=int, help="With --ray: launch on this many hosts at once (default: all).")
+@dry_run_root_options[0]
+@dry_run_root_options[1]
 @user_errors
 def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precision, plan_file, smt,
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
                run_dir, output, as_json, cache_dir, ort_opt_level, share_weights, keep_weights,
-               weights_dir, ray_address, hosts, inflight, omp_runtime, pin_threads):
+               weights_dir, ray_address, hosts, inflight, omp_runtime, pin_threads, dry_run, root):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -379,10 +387,17 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
       numabench launch -n 4 -b 8 --seq 384 --model bert-base-cased -o results.json
       numabench launch --preset per-node --mode throughput --duration 30
       numabench launch --plan plan.yaml --mode throughput --duration 30 --repeat 5
+      numabench launch -n 32 -c 1 --root /captured/c5.metal --dry-run
     """
     from pathlib import Path
 
-    from numabench.launcher.launch import check_options, check_workload, run_launch
+    from numabench.launcher.launch import (
+        check_options,
+        check_workload,
+        dry_run_text,
+        refuse_foreign_root,
+        run_launch,
+    )
     from numabench.plans import plan_for_launch
     from numabench.results import render_summary
     from numabench.topology import read_machine
@@ -403,6 +418,15 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                          request_timeout_s=request_timeout, repeat=repeat,
                          keep_weights=keep_weights,
                          weights_dir=str(Path(weights_dir).resolve()) if weights_dir else None)
+    refuse_foreign_root(root, dry_run, "launch")
+    if dry_run:
+        if ray_address:
+            raise NumabenchError("--dry-run plans against this machine or --root; drop --ray")
+        machine = read_machine(root)
+        plan = plan_for_launch(machine, **plan_args)
+        check_workload(plan, workload)
+        click.echo(dry_run_text(machine, plan), nl=False)
+        return
     check_options(opts)  # destinations first: a bad -o is found before the machine is read
     if ray_address:  # the same plan on N cluster hosts with a common start (docs/cluster.md)
         from numabench.cluster.fleet import render_fleet, run_fleet
@@ -478,11 +502,13 @@ endpoint_option = click.option(
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on 127.0.0.1:PORT (off by default).")
 @ray_option
 @click.option("--hosts", type=int, help="With --ray: run a daemon on this many hosts (default: all).")
+@dry_run_root_options[0]
+@dry_run_root_options[1]
 @user_errors
 def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, share_weights,
               weights_dir, bind, allow_public_bind, queue_size, max_batch, max_wait_ms, inflight, pad,
               max_rows, max_request_mb, request_timeout, warmup, seed, compute_us, binder, allocator,
-              run_dir, metrics_port, ray_address, hosts):
+              run_dir, metrics_port, ray_address, hosts, dry_run, root):
     """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
 
     \b
@@ -501,6 +527,7 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
                         format="[serve] %(asctime)s %(levelname)s %(message)s")
     plan_args = dict(plan_file=plan_file, instances=instances, cores_per_instance=cores_per_instance,
                      smt=smt)
+    _serve_dry_run(dry_run, root, ray_address, plan_args)  # returns only when there is no --dry-run
     if metrics_port is not None and ray_address:
         raise NumabenchError("--metrics-port is per daemon; with --ray use each host's daemon status")
     if hosts is not None and not ray_address:
@@ -523,6 +550,23 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
         sys.exit(run_cluster_serve(ray_address, hosts, plan_args, opts, bind=bind))
     sys.exit(serve(plan, opts, plan_file=str(Path(plan_file).resolve()) if plan_file else None,
                    machine=machine))
+
+
+def _serve_dry_run(dry_run, root, ray_address, plan_args):
+    """serve --dry-run: the plan and its pools (seq range column) on this machine or --root,
+    then exit 0; nothing starts. --root without --dry-run is refused."""
+    from numabench.launcher.launch import dry_run_text, refuse_foreign_root
+    from numabench.plans import plan_for_launch
+    from numabench.topology import read_machine
+
+    refuse_foreign_root(root, dry_run, "serve")
+    if not dry_run:
+        return
+    if ray_address:
+        raise NumabenchError("--dry-run plans against this machine or --root; drop --ray")
+    machine = read_machine(root)
+    click.echo(dry_run_text(machine, plan_for_launch(machine, **plan_args), "serve"), nl=False)
+    sys.exit(0)
 
 
 @cli.command("status")
@@ -618,26 +662,34 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
               help="Results folder (default results/<experiment name>).")
 @click.option("--resume", is_flag=True,
               help="Continue a sweep in this folder: skip finished points, rerun failed ones.")
-@click.option("--dry-run", is_flag=True, help="Validate every point against this machine and list them; run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate every point against this machine (or --root) and list them; run nothing.")
+@click.option("--root", "root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="With --dry-run: validate against this captured sysfs tree (another machine's).")
 @binder_option
 @allocator_option
 @ray_option
 @inflight_option
 @threading_options
 @user_errors
-def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_address, inflight, omp_runtime,
-              pin_threads):
+def sweep_cmd(experiment, output, resume, dry_run, root, binder, allocator, ray_address, inflight,
+              omp_runtime, pin_threads):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
     Examples:
       numabench sweep plans/experiment-batch-scaling.yaml -o results/bs
       numabench sweep plans/experiment-batch-scaling.yaml -o results/bs --resume
+      numabench sweep plans/experiment-smt.yaml --root /captured/c5.metal --dry-run
       numabench report results/bs
     """
-    from numabench.experiments.runner import plan_sweep, run_sweep
-    from numabench.launcher.launch import LaunchOptions
+    from numabench.experiments.runner import dry_run_text, plan_sweep, run_sweep
+    from numabench.launcher.launch import LaunchOptions, refuse_foreign_root
     from numabench.topology import read_machine
+
+    refuse_foreign_root(root, dry_run, "sweep")
+    if ray_address and root != "/":
+        raise NumabenchError("--root and --ray both name the machine to check against; give one")
 
     launch_opts = LaunchOptions(binder=binder, allocator=allocator, inflight=inflight,
                                 omp_runtime=omp_runtime, pin_threads=pin_threads)
@@ -654,12 +706,9 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_addres
 
         machine = reference_machine(ray_address)
     else:
-        machine = read_machine("/")
+        machine = read_machine(root)
     if dry_run:
-        exp, points, plans = plan_sweep(experiment, machine)
-        click.echo(f"{exp.name} ({exp.kind}): {len(points)} points, all valid on this machine")
-        for k, (p, plan) in enumerate(zip(points, plans)):
-            click.echo(f"{k + 1:>4}  {p.id}  ({len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs)")
+        click.echo(dry_run_text(*plan_sweep(experiment, machine), machine))
         return
     outcome = run_sweep(machine, experiment, output, resume=resume, launch_opts=launch_opts)
     click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "

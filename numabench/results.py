@@ -19,13 +19,16 @@ from numabench.fileio import (
 )
 
 RESULTS_SCHEMA = "numabench.results"
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 # Every version this numabench has written, and what changed (as pyperf keeps it). Each one is
 # still read: a change only adds keys, so older documents lack them and nothing else.
 VERSION_HISTORY = {
     1: "first version: raw timing columns, summary, machine, plan, workload, environment",
     2: "per-request queue time (worker start - coordinator send) as its own distribution "
        "(summary.queue, summary.instances[*].queue); repetition (launch --repeat)",
+    3: "real text (--text): raw.tokens, each request's real (unpadded) token count, and "
+       "summary.tokens {requests, real, padded, padding_overhead}; instances[*].bound (what the "
+       "binder really bound); environment.binds_cpus, framework_defaults (--binder none, baselines)",
 }
 
 # A percentile is only reported when enough samples back it: p90 needs 10, p99 needs 100.
@@ -45,6 +48,7 @@ class Sample:
     received_ns: int  # coordinator, right after the reply arrived
     compute_ns: int  # worker, the backend call only
     start_ns: int  # worker, when the backend call began (same clock as sent_ns)
+    tokens: int | None = None  # real text: the request's real token count, before padding
 
     @property
     def e2e_ns(self) -> int:
@@ -64,6 +68,7 @@ class Sample:
 
 
 SAMPLE_COLUMNS = ("instance", "step", "batch", "sent_ns", "received_ns", "compute_ns", "start_ns")
+TOKENS_COLUMN = "tokens"  # only in documents of runs on real text (version 3)
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -164,6 +169,36 @@ class InstanceStats:
 
 
 @dataclass(frozen=True)
+class TokenStats:
+    """Real text: tokens the requests really held vs the tokens computed after padding."""
+
+    requests: int  # requests with a known real token count
+    real: int
+    padded: int  # what the model ran: rows x the padded length
+
+    @property
+    def padding_overhead(self) -> float | None:
+        """padded / real: 1.0 means no padding; 4.0 means three quarters of the work is padding."""
+        return self.padded / self.real if self.real else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "real": self.real, "padded": self.padded,
+                "padding_overhead": self.padding_overhead}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenStats:
+        return cls(requests=int(d["requests"]), real=int(d["real"]), padded=int(d["padded"]))
+
+
+def token_stats(samples: list[Sample], seq: int | None) -> TokenStats | None:
+    """Real vs padded tokens over the requests that carried real text (each padded to `seq`)."""
+    known = [s for s in samples if s.tokens is not None]
+    if not known or not seq:
+        return None
+    return TokenStats(len(known), sum(s.tokens for s in known), sum(s.batch * seq for s in known))
+
+
+@dataclass(frozen=True)
 class Summary:
     """What a run measured, derived from the samples (see `summarize`)."""
 
@@ -177,6 +212,7 @@ class Summary:
     queue: Distribution  # worker start - coordinator send ("to_worker" in version 1)
     imbalance: float | None
     warnings: tuple[str, ...] = field(default=())
+    tokens: TokenStats | None = None  # real text only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -190,6 +226,7 @@ class Summary:
             "queue": self.queue.to_dict(),
             "imbalance": self.imbalance,
             "warnings": list(self.warnings),
+            **({"tokens": self.tokens.to_dict()} if self.tokens is not None else {}),
         }
 
     @classmethod
@@ -202,11 +239,14 @@ class Summary:
             instances={int(k): InstanceStats.from_dict(v) for k, v in d["instances"].items()},
             step_latency=Distribution.from_dict(d["step_latency"]) if d.get("step_latency") else None,
             overhead=Distribution.from_dict(overhead), queue=Distribution.from_dict(queue),
-            imbalance=d["imbalance"], warnings=tuple(d.get("warnings") or ()))
+            imbalance=d["imbalance"], warnings=tuple(d.get("warnings") or ()),
+            tokens=TokenStats.from_dict(d["tokens"]) if d.get("tokens") else None)
 
 
-def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = None) -> Summary:
-    """Derive throughput and latency statistics.
+def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = None, *,
+              seq: int | None = None) -> Summary:
+    """Derive throughput and latency statistics (and, for real text, real vs padded tokens:
+    `seq` is the length every request was padded to).
 
     The common window runs from the first send (or `window_start_ns`, the moment all instances
     were ready) to the last completion, so throughput is never inflated by instances that
@@ -254,6 +294,7 @@ def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = No
         queue=Distribution.of([s.queue_ns for s in samples]),
         imbalance=imbalance,
         warnings=tuple(warnings),
+        tokens=token_stats(samples, seq),
     )
 
 
@@ -266,13 +307,22 @@ def summary_from_dict(d: dict[str, Any]) -> Summary:
 
 
 def samples_to_columns(samples: list[Sample]) -> dict[str, list[int]]:
-    """Raw timings as columns: compact in JSON and loss-free (integer ns)."""
-    return {c: [getattr(s, c) for s in samples] for c in SAMPLE_COLUMNS}
+    """Raw timings as columns: compact in JSON and loss-free (integer ns); a tokens column only
+    when the requests carried real text."""
+    cols = {c: [getattr(s, c) for s in samples] for c in SAMPLE_COLUMNS}
+    if any(s.tokens is not None for s in samples):
+        cols[TOKENS_COLUMN] = [s.tokens for s in samples]
+    return cols
 
 
 def samples_from_columns(cols: dict[str, list[int]]) -> list[Sample]:
     n = len(cols["instance"])
-    return [Sample(*(int(cols[c][i]) for c in SAMPLE_COLUMNS)) for i in range(n)]
+    tokens = cols.get(TOKENS_COLUMN)
+    if tokens is not None and len(tokens) != n:
+        raise ValueError(f"raw.{TOKENS_COLUMN} has {len(tokens)} values for {n} requests")
+    return [Sample(*(int(cols[c][i]) for c in SAMPLE_COLUMNS),
+                   tokens=None if tokens is None or tokens[i] is None else int(tokens[i]))
+            for i in range(n)]
 
 
 STATUSES = ("ok", "failed", "interrupted")
@@ -420,6 +470,10 @@ def render_summary(s: Summary, warnings: list[str] | None = None) -> str:
     lines.append(f"sum of per-instance throughputs: {s.throughput_sum:.2f} samples/s")
     if s.imbalance is not None:
         lines.append(f"imbalance (fastest vs slowest instance): {s.imbalance:.1%}")
+    if s.tokens is not None and s.tokens.padding_overhead is not None:
+        t = s.tokens
+        lines.append(f"tokens: {t.real} real, {t.padded} computed after padding: padding overhead "
+                     f"{t.padding_overhead:.2f}x (padded / real)")
     if s.overhead.count:
         lines.append(f"numabench overhead (end-to-end - compute): p50 {s.overhead.p50_ns / 1e3:.0f} us"
                      f", of which queue (send to compute start) p50 {s.queue.p50_ns / 1e3:.0f} us")

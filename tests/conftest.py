@@ -47,6 +47,16 @@ def _unpack(tarball: Path, base: Path) -> Path:
     return dest / tops.pop()
 
 
+@pytest.fixture(scope="session")
+def article_tree(tmp_path_factory) -> Path:
+    """The reference article's c5.metal as a sysfs tree: 2 sockets x 24 cores x 2 threads
+    (node0 = CPUs 0-23,48-71, node1 = 24-47,72-95)."""
+    from sysfs_tree import write_sysfs_tree
+
+    return write_sysfs_tree(tmp_path_factory.mktemp("article"), sockets=2, cores_per_node=24,
+                            threads_per_core=2)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "ray: runs on a Ray test cluster (tests/test_cluster.py); "
                                        "skipped where Ray is not installed")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sysfs_tree import write_sysfs_tree
 from test_plans_planner import check_plan_properties
 from test_plans_support import fixture_tarballs
 
@@ -30,10 +29,7 @@ def run(*args):
     return CliRunner().invoke(cli, ["plan", *map(str, args)], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def article_tree(tmp_path_factory):
-    return write_sysfs_tree(tmp_path_factory.mktemp("article"), sockets=2, cores_per_node=24,
-                            threads_per_core=2)
+# article_tree (the article's c5.metal): tests/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,7 @@ def test_config_defaults_and_full():
         "seed": 5, "options": {"spin": True}, "timeout_s": 2, "future_key": 1})
     assert cfg.cpus == (0, 1, 2, 3) and cfg.warmup.shapes == ((8, 128), (1, 16))
     assert cfg.warmup.iterations == 3 and cfg.options == {"spin": True} and cfg.timeout_s == 2.0
+    assert worker.WorkerConfig.from_dict({**BASE, "threads": 0}).threads == 0
 
 
 @pytest.mark.parametrize("change, match", [
@@ -168,7 +169,7 @@ def test_config_defaults_and_full():
     ({"model": ""}, "model"),
     ({"backend": "nope"}, "unknown backend"),
     ({"precision": "fp8"}, "unknown precision"),
-    ({"threads": 0}, "threads"),
+    ({"threads": -1}, "threads"),  # 0 is allowed: the framework's own default (oob baseline)
     ({"cpus": []}, "cpus"),
     ({"cpus": [0, -1]}, "cpus"),
     ({"pin_self": True}, "pin_self needs cpus"),

@@ -36,7 +36,6 @@ def run_point_on_host(point_dict: dict[str, Any], launch_opts, tracker, key: tup
     from numabench.cluster.hosts import this_host
     from numabench.experiments.points import Point
     from numabench.launcher.launch import check_workload, run_launch
-    from numabench.plans import make_plan
     from numabench.topology import read_machine
 
     t0 = time.monotonic()
@@ -48,10 +47,11 @@ def run_point_on_host(point_dict: dict[str, Any], launch_opts, tracker, key: tup
     run_dir = Path(tempfile.gettempdir()) / "numabench-ray" / f"{point.id}-{uuid.uuid4().hex[:8]}"
     out: dict[str, Any] = {"host": host.to_dict(), "doc": None, "error": None, "logs": {}}
     try:
-        plan = make_plan(machine, point.plan_request())  # this host's own plan
+        plan = point.make_plan(machine)  # this host's own plan
         check_workload(plan, point.workload())
         out["doc"] = run_launch(machine, plan, point.workload(),
-                                replace(launch_opts, run_dir=run_dir, output=None, progress=False)).to_dict()
+                                replace(point.launch_options(launch_opts), run_dir=run_dir, output=None,
+                                        progress=False)).to_dict()
     except NumabenchError as e:
         out["error"] = f"on host {host.short}: {e}"
     finally:

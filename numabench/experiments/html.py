@@ -31,10 +31,12 @@ COLUMNS = (("id", "point", True), ("model", "model", True), ("backend", "backend
            ("precision", "precision", True), ("mode", "mode", True), ("seq", "seq", False),
            ("batch", "batch", False), ("instances", "instances", False),
            ("cores_per_instance", "cores/inst", False), ("idle_cores", "idle cores", False),
-           ("smt", "smt", True), ("repetition", "rep", False), ("status", "status", True),
+           ("smt", "smt", True), ("setup", "setup", True), ("repetition", "rep", False),
+           ("status", "status", True),
            ("latency_p50_ms", "latency p50 ms", False), ("max_latency_p50_ms", "max latency p50 ms", False),
            ("max_latency_p90_ms", "max latency p90 ms", False), ("throughput", "samples/s (window)", False),
-           ("throughput_sum", "samples/s (sum)", False), ("warnings", "warnings", True))
+           ("throughput_sum", "samples/s (sum)", False),
+           ("padding_overhead", "padding (padded / real tokens)", False), ("warnings", "warnings", True))
 
 
 def _e(v: Any) -> str:
@@ -136,8 +138,10 @@ def render_html(rs, rows: list[dict[str, Any]], plots, cap: str, out: Path) -> s
             cells.append(f"<td class={cls}{title}>{_e(_num(r[k]))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("<h2>Points</h2><p class=muted>Latencies in ms, throughputs in samples/s; max "
-                 "latency is a step's (its slowest instance's) latency. Hover a warning for the "
-                 "full message.</p>")
+                 "latency is a step's (its slowest instance's) latency. Setup: pinned (the plan's "
+                 "binding), unpinned (the same split, no binding), out of the box (one process, no "
+                 "binding, framework thread defaults). Idle cores: usable physical cores the point "
+                 "leaves unused. Hover a warning for the full message.</p>")
     parts.append(f"<div class=wide><table><tr>{head}</tr>{''.join(body)}</table></div>")
     parts.append("<h2>Plans</h2>")
     for (_, doc), r in zip(rs.docs, rows):

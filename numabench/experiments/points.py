@@ -19,7 +19,10 @@ from numabench.topology.model import Machine
 
 # Parameters that name a point: its file name is made of these (stable across runs).
 ID_FIELDS = ("model", "backend", "precision", "seq", "batch", "instances", "cores_per_instance",
-             "smt", "repetition")
+             "smt", "repetition", "setup")
+# How a point's instances run: pinned (the plan's binding), unpinned (the same split started with
+# --binder none), oob (the out-of-the-box single process: no binding, no thread settings).
+SETUPS = ("pinned", "unpinned", "oob")
 
 
 @dataclass(frozen=True)
@@ -41,27 +44,38 @@ class Point:
     warmup: int
     seed: int
     backend_options: tuple[tuple[str, Any], ...] = ()
+    setup: str = "pinned"  # one of SETUPS
+    binder: str | None = None  # the experiment's `binder:` for its own points (None: --binder)
 
     @property
     def id(self) -> str:
-        """Stable file-name stem: bert-base-cased_pytorch_fp32_s128_b16_n4x4_r0."""
+        """Stable file-name stem: bert-base-cased_pytorch_fp32_s128_b16_n4x4_r0 (pinned),
+        ..._n4x4-unpinned_r0, ..._oob_r0."""
         shape = f"n{self.instances}" + (f"x{self.cores_per_instance}" if self.cores_per_instance else "")
+        shape += ("-smt" if self.smt else "") + ("-unpinned" if self.setup == "unpinned" else "")
         parts = [_safe(self.model), self.backend, self.precision, f"s{self.seq}", f"b{self.batch}",
-                 shape + ("-smt" if self.smt else ""), f"r{self.repetition}"]
+                 "oob" if self.setup == "oob" else shape, f"r{self.repetition}"]
         return "_".join(parts)
 
     @property
     def label(self) -> str:
+        rep = f", repetition {self.repetition + 1}" if self.repetition else ""
+        head = f"{self.model} {self.precision} seq {self.seq} batch {self.batch}, "
+        if self.setup == "oob":
+            return head + f"out of the box (1 process, framework defaults){rep}"
         c = self.cores_per_instance
         cores = f" x {c} core{'s' if c > 1 else ''}" if c else ""
         smt = " +SMT" if self.smt else ""
-        rep = f", repetition {self.repetition + 1}" if self.repetition else ""
-        return (f"{self.model} {self.precision} seq {self.seq} batch {self.batch}, "
-                f"{self.instances} instance{'s' if self.instances > 1 else ''}{cores}{smt}{rep}")
+        unpinned = ", unpinned" if self.setup == "unpinned" else ""
+        return head + f"{self.instances} instance{'s' if self.instances > 1 else ''}{cores}{smt}{unpinned}{rep}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["backend_options"] = dict(self.backend_options)
+        if self.setup == "pinned":  # as before baselines existed: older sweeps resume unchanged
+            del d["setup"]
+        if self.binder is None:
+            del d["binder"]
         return d
 
     @classmethod
@@ -83,6 +97,40 @@ class Point:
 
         return PlanRequest(instances=self.instances, cores_per_instance=self.cores_per_instance,
                            batch=self.batch, smt=self.smt)
+
+    def make_plan(self, machine: Machine) -> Plan:
+        """This point's plan on `machine` (pure): the planner's, or for oob one process on every
+        usable CPU."""
+        if self.setup == "oob":
+            return oob_plan(machine, self.batch)
+        from numabench.plans import make_plan
+
+        return make_plan(machine, self.plan_request())
+
+    def launch_options(self, opts):
+        """The sweep's LaunchOptions as this point runs them: unpinned points bind nothing, the
+        oob point also leaves threads to the framework."""
+        from dataclasses import replace
+
+        if self.setup == "unpinned":
+            return replace(opts, binder="none")
+        if self.setup == "oob":
+            return replace(opts, binder="none", framework_defaults=True)
+        return replace(opts, binder=self.binder) if self.binder else opts
+
+
+def oob_plan(machine: Machine, batch: int) -> Plan:
+    """The out-of-the-box process as a plan: one instance, every usable CPU (SMT siblings too),
+    no memory node, the whole batch. `threads` is what the plan records (one per usable
+    physical core); the process is started without any thread setting and records the count
+    its framework chose."""
+    from numabench.plans.model import InstancePlan
+
+    cpus = tuple(sorted(machine.cpus_usable))
+    inst = InstancePlan(id=0, cpus=cpus, memory_nodes=(), threads=max(len(machine.usable_cores()), 1),
+                        batch=batch)
+    return Plan(instances=(inst,), batch=batch, smt=machine.smt, name="out-of-the-box",
+                description="one process, framework defaults: no binding, no thread settings")
 
 
 def _safe(text: str) -> str:
@@ -167,16 +215,32 @@ def expand(exp: Experiment, machine: Machine) -> tuple[Point, ...]:
     if total > MAX_POINTS:  # counted before any point is made: a typo must not fill memory
         raise ExperimentError(f"{total} points is more than {MAX_POINTS}: shorten an axis or "
                               "lower repetitions", where=exp.where("repetitions"))
+    baselines = getattr(exp, "baselines", ())
+    total += exp.repetitions * math.prod(len(axis) for axis in (exp.models, exp.backends, exp.precisions,
+                                                                exp.seqs)) * (
+        len(shapes) * ("unpinned" in baselines) + len({b for b, *_ in shapes}) * ("oob" in baselines))
+    if total > MAX_POINTS:
+        raise ExperimentError(f"{total} points (baselines included) is more than {MAX_POINTS}: "
+                              "shorten an axis or lower repetitions", where=exp.where("baseline"))
     points = []
     for rep in range(exp.repetitions):
         for model, backend, precision, seq in itertools.product(exp.models, exp.backends,
                                                                 exp.precisions, exp.seqs):
+            oob_done: set[int] = set()
             for batch, n, c, smt in shapes:
-                points.append(Point(model=model, backend=backend, precision=precision, seq=seq,
-                                    batch=batch, instances=n, cores_per_instance=c, smt=smt,
-                                    repetition=rep, mode=exp.mode, iterations=exp.iterations,
-                                    duration_s=exp.duration_s, warmup=exp.warmup, seed=exp.seed,
-                                    backend_options=exp.backend_options))
+                common = dict(model=model, backend=backend, precision=precision, seq=seq, batch=batch,
+                              repetition=rep, mode=exp.mode, iterations=exp.iterations,
+                              duration_s=exp.duration_s, warmup=exp.warmup, seed=exp.seed,
+                              backend_options=exp.backend_options)
+                if "oob" in baselines and batch not in oob_done:  # once per batch, before its splits
+                    oob_done.add(batch)
+                    points.append(Point(instances=1, cores_per_instance=None, smt=False, setup="oob",
+                                        **common))
+                points.append(Point(instances=n, cores_per_instance=c, smt=smt, binder=exp.binder,
+                                    **common))
+                if "unpinned" in baselines:  # right after its pinned twin: drift hits both alike
+                    points.append(Point(instances=n, cores_per_instance=c, smt=smt, setup="unpinned",
+                                        **common))
     seen: dict[str, Point] = {}
     for p in points:
         if p.id in seen:
@@ -208,7 +272,6 @@ def _planned_instances(machine: Machine, cores_per_instance: int) -> int:
 def validate_points(points: tuple[Point, ...], machine: Machine, where: str) -> tuple[Plan, ...]:
     """Each point's plan, made and checked before anything runs; all bad points named at once."""
     from numabench.launcher.launch import check_workload
-    from numabench.plans import make_plan
     from numabench.workers.backends import check_backend
 
     plans, errors = [], []
@@ -220,9 +283,9 @@ def validate_points(points: tuple[Point, ...], machine: Machine, where: str) -> 
                                      "drop this instance count or give more cores")
             if p.smt and not machine.smt:
                 raise NumabenchError(no_smt_message(machine))
-            request = p.plan_request()
+            request = p.plan_request() if p.setup != "oob" else ("oob", p.batch)
             if request not in made:
-                made[request] = make_plan(machine, request)
+                made[request] = p.make_plan(machine)
             plan = made[request]
             check_workload(plan, p.workload())
             check_backend(p.backend, p.precision, dict(p.backend_options))

@@ -27,17 +27,45 @@ from numabench.errors import NumabenchError
 from numabench.experiments.compare import CompareError, read_document
 
 ROW_COLUMNS = ("id", "model", "backend", "precision", "seq", "mode", "batch", "instances",
-               "cores_per_instance", "cores", "cpus", "idle_cores", "smt", "threads", "repetition",
+               "cores_per_instance", "cores", "cpus", "idle_cores", "smt", "setup", "threads", "repetition",
                "status", "requests", "samples", "latency_p50_ms", "latency_p90_ms",
                "max_latency_p50_ms", "max_latency_p90_ms", "throughput", "throughput_sum",
-               "imbalance", "warnings", "warning_messages")
+               "imbalance", "padding_overhead", "warnings", "warning_messages")
 # A line is one combination of these (those that vary among the points plotted); seq always.
-SERIES_FIELDS = ("model", "backend", "precision", "batch", "smt", "mode", "seq")
+# setup last: a batch's pinned, unpinned and out-of-the-box lines sit together in a panel.
+SERIES_FIELDS = ("model", "backend", "precision", "batch", "smt", "mode", "seq", "setup")
 MAX_LINES = 8
 ROW_ORDER = ("model", "backend", "precision", "mode", "seq", "batch", "instances", "cores", "smt",
-             "repetition", "id")
+             "setup", "repetition", "id")
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# Baselines (docs/experiments.md): how each setup is named and drawn. The out-of-the-box process
+# is one value per panel line group, drawn as a dotted reference across the panel.
+SETUP_LABELS = {"pinned": "pinned", "unpinned": "unpinned", "oob": "out of the box (1 process)"}
+SETUP_NOTE = ("pinned: solid; unpinned (same split, --binder none): dash-dot; out of the box (one "
+              "process, no binding, framework thread defaults): dotted across the panel")
+SETUP_LINESTYLES = {"pinned": "-", "unpinned": "-.", "oob": ":"}
+
+
+def row_setup(doc: dict[str, Any]) -> str:
+    """pinned | unpinned | oob: what the run's environment recorded (so plain `launch --binder
+    none` results report as unpinned too), else the sweep point's."""
+    env = doc.get("environment") or {}
+    if env.get("framework_defaults"):
+        return "oob"
+    if env.get("binder") == "none":
+        return "unpinned"
+    point = (doc.get("experiment") or {}).get("point") or {}
+    return str(point.get("setup") or "pinned")
+
+
+def row_threads(doc: dict[str, Any], setup: str):
+    """Threads per instance: the plan's, or for the out-of-the-box process the count its
+    framework chose (nothing was asked)."""
+    if setup == "oob":
+        got = ((doc.get("instances") or {}).get("0") or {}).get("got") or {}
+        return got.get("threads")
+    return doc["plan"]["instances"][0]["threads"]
 
 
 class ReportError(NumabenchError):
@@ -176,19 +204,24 @@ def _point_row(name: str, doc: dict[str, Any]) -> dict[str, Any]:
         max_p90 = _ms(max(p90s)) if p90s and len(p90s) == len(lats) else None
     ncpus = sum(len(c) for c in inst_cpus)
     warnings = [str(x) for x in doc.get("warnings") or []]
+    setup = row_setup(doc)
+    idle = max(usable_cores(doc["machine"]) - sum(inst_cores), 0)
     return {
         "id": (doc.get("experiment") or {}).get("point_id") or Path(name).stem,
         "model": w["model"], "backend": w["backend"], "precision": w["precision"], "seq": w["seq"],
         "mode": w["mode"], "batch": plan["batch"], "instances": len(plan["instances"]),
         "cores_per_instance": cores_per[0] if len(cores_per) == 1 else "/".join(map(str, cores_per)),
         "cores": sum(inst_cores), "cpus": ncpus,
-        "idle_cores": max(usable_cores(doc["machine"]) - sum(inst_cores), 0), "smt": smt,
-        "threads": plan["instances"][0]["threads"], "repetition": point.get("repetition", 0),
+        "idle_cores": idle, "smt": smt, "setup": setup,
+        "threads": row_threads(doc, setup), "repetition": point.get("repetition", 0),
         "status": doc["status"], "requests": len(e2e), "samples": s["samples"],
         "latency_p50_ms": _ms(_pct(e2e, 50, 1)), "latency_p90_ms": _ms(_pct(e2e, 90, 10)),
         "max_latency_p50_ms": max_p50, "max_latency_p90_ms": max_p90,
         "throughput": s["throughput"], "throughput_sum": s["throughput_sum"],
-        "imbalance": s.get("imbalance"), "warnings": "; ".join(warning_tags(warnings)),
+        "imbalance": s.get("imbalance"),
+        # real text: tokens computed after padding / real tokens (None for random ids)
+        "padding_overhead": (s.get("tokens") or {}).get("padding_overhead"),
+        "warnings": "; ".join(warning_tags(warnings) + (["idle cores"] if idle else [])),
         "warning_messages": " | ".join(warnings),
     }
 
@@ -204,10 +237,11 @@ def _cell(v) -> str:
 TABLE_COLUMNS = (("model", "model"), ("backend", "backend"), ("precision", "prec"), ("mode", "mode"),
                  ("seq", "seq"), ("batch", "batch"), ("instances", "inst"),
                  ("cores_per_instance", "cores/inst"), ("idle_cores", "idle"), ("smt", "smt"),
+                 ("setup", "setup"),
                  ("repetition", "rep"), ("status", "status"), ("latency_p50_ms", "lat p50 ms"),
                  ("max_latency_p50_ms", "max lat p50 ms"), ("max_latency_p90_ms", "max lat p90 ms"),
                  ("throughput", "samples/s"), ("throughput_sum", "sum samples/s"),
-                 ("warnings", "warnings"))
+                 ("padding_overhead", "padding x"), ("warnings", "warnings"))
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
@@ -249,9 +283,11 @@ class Line:
     y_sum: list | None = None  # throughput: sum of per-instance throughputs (drawn dashed)
     runs_sum: list | None = None
     idle: list = field(default_factory=list)  # x values whose points leave usable cores idle
+    setup: str = "pinned"  # pinned | unpinned | oob (drawn as a reference across the panel)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"label": self.label, "x": self.x, "y": self.y, "runs": self.runs, "idle": self.idle}
+        d = {"label": self.label, "x": self.x, "y": self.y, "runs": self.runs, "idle": self.idle,
+             "setup": self.setup}
         if self.y_sum is not None:
             d.update(y_sum=self.y_sum, runs_sum=self.runs_sum)
         return d
@@ -289,8 +325,8 @@ def _label(key: dict[str, Any], fields: list[str]) -> str:
     parts = []
     for f in fields:
         v = key[f]
-        parts.append({"seq": f"seq {v}", "batch": f"batch {v}",
-                      "smt": "+SMT" if v else "no SMT"}.get(f, str(v)))
+        parts.append({"seq": f"seq {v}", "batch": f"batch {v}", "smt": "+SMT" if v else "no SMT",
+                      "setup": SETUP_LABELS.get(v, str(v))}.get(f, str(v)))
     return ", ".join(parts)
 
 
@@ -303,7 +339,10 @@ def _panels(rows: list[dict[str, Any]], x: str, y: str, better: str, by_seq: boo
     """Panels (one per sequence length when by_seq), lines of the other varying fields, at most
     MAX_LINES a panel (more become a second panel). Also the flat {label: {x, y}} series."""
     rows = [r for r in rows if r[y] is not None and r["status"] == "ok"]
-    varying = [f for f in SERIES_FIELDS if len({r[f] for r in rows}) > 1]
+    # What varies among the split points names the lines; the out-of-the-box process (all CPUs,
+    # SMT siblings included) must not make "smt" look like an axis.
+    split = [r for r in rows if r["setup"] != "oob"] or rows
+    varying = [f for f in SERIES_FIELDS if len({r[f] for r in (rows if f == "setup" else split)}) > 1]
     line_fields = [f for f in varying if f != "seq"] if by_seq else varying or ["seq"]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -326,7 +365,8 @@ def _panels(rows: list[dict[str, Any]], x: str, y: str, better: str, by_seq: boo
                 line = Line(_label(kd, line_fields) or _label(kd, ["seq"]), xs,
                             [representative([r[y] for r in by_x[v]], better) for v in xs],
                             [[r[x], r[y]] for v in xs for r in by_x[v]],
-                            idle=[v for v in xs if any(r["idle_cores"] for r in by_x[v])])
+                            idle=[v for v in xs if any(r["idle_cores"] for r in by_x[v])],
+                            setup=kd["setup"])
                 if y_sum:
                     line.y_sum = [representative([r[y_sum] for r in by_x[v]], better) for v in xs]
                     line.runs_sum = [[r[x], r[y_sum]] for v in xs for r in by_x[v]]
@@ -362,28 +402,33 @@ def plot_data(rows: list[dict[str, Any]]) -> list[PlotData]:
                               notes=["solid: over the common window; dashed: sum of per-instance "
                                      "throughputs"]))
         best = {label: {"x": [label], "y": [s["x"][int(np.argmax(s["y"]))]],
-                        "throughput": [max(s["y"])]} for label, s in tput.items()}
+                        "throughput": [max(s["y"])]} for label, s in tput.items()
+                if not label.endswith(SETUP_LABELS["oob"])}
         bpanels = [Panel(p.title, [Line(line.label, [line.x[int(np.argmax(line.y))]], [max(line.y)], [])
-                                   for line in p.lines]) for p in panels]
+                                   for line in p.lines if line.setup != "oob"]) for p in panels]
         plots.append(PlotData("best-instances", "Best instance count (highest throughput)",
                               "line", "instances", kind="bar", series=best, panels=bpanels))
     pairs: dict[tuple, dict[bool, list[float]]] = defaultdict(dict)
     for r in rows:
         if r["status"] == "ok":
-            key = (r["model"], r["precision"], r["seq"], r["batch"], r["instances"], r["cores"])
+            key = (r["model"], r["precision"], r["seq"], r["batch"], r["instances"], r["cores"], r["setup"])
             pairs[key].setdefault(r["smt"], []).append(r["throughput"])
     both = {k: v for k, v in pairs.items() if True in v and False in v}
     if both:
         series: dict[str, dict[str, list]] = {"physical cores": {"x": [], "y": []},
                                               "+ SMT siblings": {"x": [], "y": []}}
         for k in sorted(both):
-            label = f"seq {k[2]}, b{k[3]}, {k[4]}x{k[5] // k[4]}c"
+            label = f"seq {k[2]}, b{k[3]}, {k[4]}x{k[5] // k[4]}c" + ("" if k[6] == "pinned" else f", {k[6]}")
             series["physical cores"]["x"].append(label)
             series["physical cores"]["y"].append(representative(both[k][False], "higher"))
             series["+ SMT siblings"]["x"].append(label)
             series["+ SMT siblings"]["y"].append(representative(both[k][True], "higher"))
         plots.append(PlotData("smt", "SMT impact", "configuration", "throughput (samples/s)",
                               kind="bar", series=series))
+    if len({r["setup"] for r in rows if r["status"] == "ok"}) > 1:
+        for p in plots:
+            if p.panels:
+                p.notes.append(SETUP_NOTE)
     idle = [r for r in rows if r["idle_cores"]]
     if idle:
         note = (f"every point leaves usable cores idle (at least {min(r['idle_cores'] for r in idle)})"
@@ -481,8 +526,15 @@ def draw(p: PlotData, cap: str):
                 ax.bar(i, line.y[0], color=st["color"], label=line.label, gid=f"line:{line.label}")
                 ax.annotate(f"{line.x[0]}", (i, line.y[0]), ha="center", va="bottom", fontsize=8)
                 continue
-            ax.plot(line.x, line.y, linestyle="-", label=line.label, gid=f"line:{line.label}", **st)
-            if line.y_sum is not None:
+            if line.setup == "oob" and len(set(line.x)) == 1:
+                # one process, one value: a reference across the panel, marked where it ran
+                ax.axhline(line.y[0], linestyle=SETUP_LINESTYLES["oob"], linewidth=1.4, label=line.label,
+                           gid=f"line:{line.label}", color=st["color"], marker=st["marker"], markevery=[])
+                ax.plot(line.x, line.y, linestyle="", label="_oob", **st)
+            else:
+                ax.plot(line.x, line.y, linestyle=SETUP_LINESTYLES.get(line.setup, "-"), label=line.label,
+                        gid=f"line:{line.label}", **st)
+            if line.y_sum is not None and line.setup != "oob":
                 ax.plot(line.x, line.y_sum, linestyle="--", markerfacecolor="none", alpha=0.8,
                         label="_sum", **st)
             if len(line.runs) > len(line.x):  # repetitions: every run beside its median
@@ -513,10 +565,13 @@ def draw(p: PlotData, cap: str):
             ax.legend(handles=named + keys, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                       borderaxespad=0, fontsize=8)
     if panels and p.kind != "bar" and shared:
-        handles = [Line2D([], [], linestyle="-", label=lab, **_style(i)) for i, lab in enumerate(labels)]
+        setup_of = {line.label: line.setup for pn in panels for line in pn.lines}
+        handles = [Line2D([], [], linestyle=SETUP_LINESTYLES.get(setup_of[lab], "-"), label=lab, **_style(i))
+                   for i, lab in enumerate(labels)]
         fig.legend(handles=handles + keys, loc="outside right upper", fontsize=8)
     title = p.title if p.kind != "bar" or not panels else f"{p.title}: the bar's label is the instance count"
-    fig.suptitle(title, fontsize=11)
+    # left-aligned: centred over the whole figure it ran into a wide legend at the top right
+    fig.suptitle(title, fontsize=11, x=0.01, ha="left")
     # The caption is the figure's supxlabel, so the layout keeps room for it under the panels.
     width = int(fig.get_figwidth() * 15)
     text = "\n".join(textwrap.fill(t, width) for t in [cap, *p.notes])

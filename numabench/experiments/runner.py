@@ -77,6 +77,25 @@ def plan_sweep(experiment_file: str | Path, machine: Machine):
     return exp, points, plans
 
 
+def dry_run_text(exp: Experiment, points, plans, machine: Machine) -> str:
+    """`sweep --dry-run`: every point with its plan's shape, points that leave usable physical
+    cores idle flagged with '!' (pure)."""
+    from numabench.launcher.placement import core_use
+
+    where = machine.model_name or "this machine"
+    lines = [f"{exp.name} ({exp.kind}): {len(points)} points, all valid on {where}"]
+    flagged = 0
+    for k, (p, plan) in enumerate(zip(points, plans)):
+        flag = core_use(machine, plan.cpus).flag()
+        flagged += flag is not None
+        shape = f"{len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs"
+        lines.append(f"{k + 1:>4}{' !' if flag else '  '} {p.id}  ({shape}"
+                     + (f"; {flag}" if flag else "") + ")")
+    if flagged:
+        lines.append(f"! {flagged} of {len(points)} points leave usable physical cores idle")
+    return "\n".join(lines)
+
+
 def _fmt_s(seconds: float) -> str:
     if seconds < 10:
         return f"{seconds:.1f}s"
@@ -168,7 +187,7 @@ class _Sweep:
             while run_dir.with_name(f"{p.id}.attempt-{attempt}").exists():
                 attempt += 1
             run_dir.rename(run_dir.with_name(f"{p.id}.attempt-{attempt}"))
-        opts = replace(self.launch_opts, run_dir=run_dir, output=None)
+        opts = replace(p.launch_options(self.launch_opts), run_dir=run_dir, output=None)
         return self._record(k, p, run_launch(self.machine, plan, p.workload(), opts).to_dict())
 
     def _record(self, k: int, p: Point, doc: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,13 @@ KIND_HELP = {
     "smt": "compares smt off and on itself; use 'instances' and 'cores_per_instance'",
     "grid": "use 'instances' and/or 'cores_per_instance'",
 }
+# Baselines run beside the pinned points of the launch kinds (docs/experiments.md): oob, the
+# out-of-the-box single process (no binding, no thread settings); unpinned, every split again
+# with --binder none. `binder` sets how the (pinned) points are bound, over `sweep --binder`.
+BASELINES = ("oob", "unpinned")
+BASELINE_KINDS = ("core-scaling", "batch-scaling", "smt", "grid")
+BINDER_CHOICES = ("auto", "numactl", "taskset", "self", "none")  # launcher.binding.BINDERS
+ALL_KEYS += ("baseline", "binder")
 # Bounds that catch typos while reading, before anything expands or runs.
 MAX_REPETITIONS = 100
 MAX_POINTS = 1000  # days of measuring at a minute a point
@@ -83,6 +90,8 @@ class Experiment:
     repetitions: int = DEFAULTS["repetitions"]
     seed: int = DEFAULTS["seed"]
     backend_options: tuple[tuple[str, Any], ...] = ()
+    baselines: tuple[str, ...] = ()  # of BASELINES
+    binder: str | None = None  # None: the command line's --binder
     description: str | None = None
     version: int = EXPERIMENT_VERSION
     source: PlanSource | None = field(default=None, compare=False, repr=False)
@@ -147,7 +156,7 @@ class _ExperimentReader(YamlReader):
         if "kind" not in doc:
             raise self.fail("", f"missing 'kind' (one of {', '.join(KINDS)})")
         kind = self.choice(doc["kind"], "kind", KINDS, "kind")
-        allowed = COMMON_KEYS + KIND_KEYS[kind]
+        allowed = COMMON_KEYS + KIND_KEYS[kind] + (("baseline", "binder") if kind in BASELINE_KINDS else ())
         for key in doc:
             if key not in allowed:
                 raise self.fail(key, f"{key!r} does not apply to kind {kind} ({KIND_HELP[kind]})")
@@ -188,6 +197,14 @@ class _ExperimentReader(YamlReader):
                                                   self.positive)
         if "smt" in doc:
             out["smt"] = self.axis(doc["smt"], "smt", self.boolean)
+        if "baseline" in doc:
+            out["baselines"] = self.axis(doc["baseline"], "baseline",
+                                         lambda n, p: self.choice(n, p, BASELINES, "baseline"))
+        if "binder" in doc:
+            out["binder"] = self.choice(doc["binder"], "binder", BINDER_CHOICES, "binder")
+            if out["binder"] == "none" and "unpinned" in out.get("baselines", ()):
+                raise self.fail("binder", "binder none already runs every point unpinned: drop "
+                                          "'unpinned' from baseline, or bind the points")
         if "mode" in doc:
             out["mode"] = self.choice(doc["mode"], "mode", MODES, "mode")
         if "iterations" in doc:

@@ -1,4 +1,5 @@
-"""How an instance is bound to its CPUs and memory: numactl, taskset, or the worker itself.
+"""How an instance is bound to its CPUs and memory: numactl, taskset, the worker itself, or not
+at all (`none`: the unpinned baseline, threads still counted).
 
 `detect_binder` probes the system once (I/O); everything else is pure: it turns a plan instance
 into a command prefix and an environment.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from numabench.errors import LaunchError, NumabenchError
 from numabench.plans.model import InstancePlan, Plan
 
-BINDERS = ("auto", "numactl", "taskset", "self")
+BINDERS = ("auto", "numactl", "taskset", "self", "none")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 OMP_RUNTIMES = ("gnu", "intel")
 # Variables that place OpenMP threads: a value the user set for any of them is kept, never mixed.
@@ -37,10 +38,27 @@ _ALLOCATOR_GLOBS = {
 class Binder:
     """The binding method in use and what it cannot do."""
 
-    name: str  # "numactl" | "taskset" | "self"
+    name: str  # "numactl" | "taskset" | "self" | "none"
     path: str | None
     binds_memory: bool
     warnings: tuple[str, ...] = ()
+    binds_cpus: bool = True  # False for "none": workers keep the launcher's whole affinity
+
+    def bound(self, inst: InstancePlan) -> dict[str, list[int]]:
+        """What this binder really binds for `inst` (results record it beside what was asked)."""
+        return {"cpus": list(inst.cpus) if self.binds_cpus else [],
+                "memory_nodes": list(inst.memory_nodes) if self.binds_memory else []}
+
+    def describe(self, inst: InstancePlan) -> str:
+        """One instance's binding for launch.log: never a memory node that was not bound."""
+        cpus = f"cpus {list(inst.cpus)}" if self.binds_cpus else f"cpus not bound (plan: {list(inst.cpus)})"
+        if self.binds_memory and inst.memory_nodes:
+            mem = f"memory nodes {list(inst.memory_nodes)}"
+        elif inst.memory_nodes:
+            mem = f"memory not bound (plan: nodes {list(inst.memory_nodes)}; first touch applies)"
+        else:
+            mem = "memory not bound"
+        return f"{cpus}, {mem}"
 
 
 def _numactl_membind_works(numactl: str, cpu: int, node: int) -> tuple[bool, str]:
@@ -58,6 +76,8 @@ def detect_binder(prefer: str = "auto", probe_cpu: int = 0, probe_node: int | No
     """Pick numactl when it works, else taskset, else the worker pins itself; say what was lost."""
     if prefer not in BINDERS:
         raise LaunchError(f"unknown binder {prefer!r}; choose one of {', '.join(BINDERS)}")
+    if prefer == "none":  # asked for: the unpinned baseline binds nothing, by design
+        return Binder("none", None, binds_memory=False, binds_cpus=False)
     numactl = shutil.which("numactl", path=path)
     taskset = shutil.which("taskset", path=path)
     lost: list[str] = []
@@ -77,6 +97,11 @@ def detect_binder(prefer: str = "auto", probe_cpu: int = 0, probe_node: int | No
         else:
             lost.append("numactl not found on PATH: CPUs are pinned but memory is not bound to "
                         "the instances' nodes (install numactl to bind memory)")
+    if prefer in ("taskset", "self") and probe_node is not None:
+        # Asked for by name: still say what it cannot do, so no one reads the plan's memory
+        # nodes as bound.
+        lost.append(f"--binder {prefer} pins CPUs only: memory is not bound to the instances' "
+                    "nodes (first touch applies); use --binder numactl or auto to bind memory")
     if prefer in ("auto", "numactl", "taskset") and taskset:
         return Binder("taskset", taskset, binds_memory=False, warnings=tuple(lost))
     if prefer == "taskset":
@@ -107,7 +132,8 @@ def prepare_binding(plan: Plan, binder: str = "auto", allocator: str = "default"
 
 
 def bind_prefix(binder: Binder, inst: InstancePlan) -> list[str]:
-    """The command prefix that pins one instance (empty when the worker pins itself)."""
+    """The command prefix that pins one instance (empty when the worker pins itself, or for
+    `none`, which pins nothing)."""
     cpus = ",".join(str(c) for c in inst.cpus)
     if binder.name == "numactl":
         cmd = [binder.path or "numactl", f"--physcpubind={cpus}"]
@@ -194,19 +220,20 @@ def thread_placement_env(inst: InstancePlan, threading: Threading) -> dict[str, 
 
 
 def worker_env(base: dict[str, str], inst: InstancePlan, preload: str | None = None,
-               threading: Threading | None = None
+               threading: Threading | None = None, set_threads: bool = True
                ) -> tuple[dict[str, str], tuple[str, ...], dict[str, str]]:
     """Environment of one worker: thread counts, thread placement and library preloads.
 
     A thread variable the user already set is kept (they may know better) but warned about,
     never silently overridden; one placement variable set by the user keeps numabench from
     setting any (a half-set placement is worse than either). Returns (env, warnings,
-    variables numabench set). `threading` None: counts and allocator only.
+    variables numabench set). `threading` None: counts and allocator only. `set_threads` False:
+    neither counts nor placement (the framework's defaults; the allocator is still preloaded).
     """
     env = dict(base)
     warnings: list[str] = []
     applied: dict[str, str] = {}
-    for var in THREAD_VARS:
+    for var in THREAD_VARS if set_threads else ():
         want = str(inst.threads)
         if var in base and base[var] != want:
             warnings.append(f"instance {inst.id}: {var}={base[var]} is set in the environment and kept; "
@@ -216,7 +243,7 @@ def worker_env(base: dict[str, str], inst: InstancePlan, preload: str | None = N
             applied[var] = want
     preloads = [preload] if preload else []
     if threading is not None:
-        placement = thread_placement_env(inst, threading)
+        placement = thread_placement_env(inst, threading) if set_threads else {}
         users = sorted(v for v in PLACEMENT_VARS if v in base)
         if users and placement:
             warnings.append(f"instance {inst.id}: {', '.join(f'{v}={base[v]}' for v in users)} "

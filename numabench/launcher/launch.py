@@ -93,6 +93,26 @@ def check_workload(plan: Plan, workload: Workload) -> None:
             raise NumabenchError(f"--text {workload.text_file}: no non-empty lines")
 
 
+def dry_run_text(machine: Machine, plan: Plan, what: str = "launch") -> str:
+    """What `launch|serve --dry-run` prints: the validated plan's instances on this machine (or a
+    captured tree's), with a flag when its cores leave some usable physical cores idle."""
+    from numabench.plans.render import render_plan
+
+    text = render_plan(plan, machine)
+    flag = placement.core_use(machine, plan.cpus).flag()
+    if flag:
+        text += f"idle cores: the plan {flag}\n"
+    return text + f"{what} --dry-run: plan valid for {machine.model_name or 'this machine'}; nothing was run\n"
+
+
+def refuse_foreign_root(root: str, dry_run: bool, command: str) -> None:
+    """A captured tree describes another machine: plan against it, never run on it."""
+    if not dry_run and os.path.realpath(root) != "/":
+        raise NumabenchError(f"{command} --root {root}: a captured tree is another machine's, and "
+                             f"nothing can run on it from here; add --dry-run to plan and check "
+                             f"against it, or drop --root to run on this machine")
+
+
 def read_texts(path: str) -> list[str]:
     text = read_text(path, "--text file")
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -146,6 +166,7 @@ class _Run:
         self.noise = NoiseRecorder(plan.cpus)  # other processes on the plan's CPUs during the window
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.repetition: dict[str, Any] | None = None
+        self.text_lengths: dict[int, list[int]] = {}  # --text: each instance's rows, real tokens
 
     @property
     def window_start_ns(self) -> int | None:
@@ -161,10 +182,13 @@ class _Run:
 
     def prepare(self) -> None:
         """Probe binding, allocator and governors: refusals come before any process starts."""
+        o = self.opts
         self.binder, self.preload = binding.prepare_binding(
-            self.plan, self.opts.binder, self.opts.allocator, self.opts.path)
+            self.plan, "none" if o.framework_defaults else o.binder, o.allocator, o.path)
         self.warnings.extend(self.binder.warnings)
-        self.threading = binding.prepare_threading(self.opts.omp_runtime, self.opts.pin_threads)
+        # Unbound instances get no thread placement either: OMP_PLACES naming CPUs would pin
+        # the threads after all.
+        self.threading = binding.prepare_threading(o.omp_runtime, o.pin_threads and self.binder.binds_cpus)
         self.governors = binding.cpu_governors(self.plan.cpus)
         slow = sorted({g for g in self.governors.values() if g != "performance"})
         if slow:
@@ -196,19 +220,24 @@ class _Run:
             cfg = spawn.worker_config(
                 inst, endpoint=coord.endpoint, model=w.model, backend=w.backend,
                 precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
+                set_threads=not self.opts.framework_defaults,
                 timeout_s=self.opts.ready_timeout_s + self.opts.request_timeout_s,
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
                 options={**w.backend_options,
                          **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {}),
                          **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})})
             self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
-            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading)
+            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading,
+                                           set_threads=not self.opts.framework_defaults)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
-            self.log(f"instance {inst.id}: pid {started.pid}, cpus {list(inst.cpus)}, "
-                     f"memory nodes {list(inst.memory_nodes)}, {inst.threads} threads, binder {binder.name}")
+            threads = ("framework default threads" if self.opts.framework_defaults
+                       else f"{inst.threads} threads")
+            self.log(f"instance {inst.id}: pid {started.pid}, {binder.describe(inst)}, {threads}, "
+                     f"binder {binder.name}")
         self.env_info = {
-            "binder": binder.name, "binds_memory": binder.binds_memory,
+            "binder": binder.name, "binds_memory": binder.binds_memory, "binds_cpus": binder.binds_cpus,
+            "framework_defaults": self.opts.framework_defaults,
             "allocator": self.opts.allocator, "preload": preload,
             "variables_set": {str(k): v for k, v in applied_env.items()},
             "transport": self.opts.transport, "governors": governors,
@@ -253,10 +282,12 @@ class _Run:
             self.log(f"all {n} instances ready")
         for inst in self.plan.instances:
             got = self.ready[inst.id].get("affinity")
-            if got is not None and sorted(got) != sorted(inst.cpus):
+            if not self.binder.binds_cpus:  # unbound by design: the affinity is recorded, not judged
+                self.log(f"instance {inst.id} unbound: may run on CPUs {got}")
+            elif got is not None and sorted(got) != sorted(inst.cpus):
                 self.warnings.append(f"instance {inst.id} runs on CPUs {got}, the plan asked for "
                                      f"{list(inst.cpus)}")
-            if self.ready[inst.id].get("threads") not in (None, inst.threads):
+            if not self.opts.framework_defaults and self.ready[inst.id].get("threads") not in (None, inst.threads):
                 self.warnings.append(f"instance {inst.id} runs {self.ready[inst.id]['threads']} "
                                      f"threads, the plan asked for {inst.threads}")
 
@@ -275,8 +306,10 @@ class _Run:
     def measure(self, coord: Coordinator) -> None:
         w, inflight = self.workload, self.opts.inflight
         vocab = {i: int(r.get("model_info", {}).get("vocab_size") or 1000) for i, r in self.ready.items()}
-        payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab,
-                                 read_texts(w.text_file) if w.text_file else None)
+        texts = read_texts(w.text_file) if w.text_file else None
+        payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab, texts)
+        if texts:
+            self.text_lengths = text_lengths(w, payloads)
         self.log(f"measuring ({w.mode} mode, {inflight} in flight per instance)"
                  if w.mode == "throughput" else f"measuring ({w.mode} mode)")
         self.noise.start()
@@ -311,7 +344,11 @@ class _Run:
         from numabench.plans import dump_plan
         from numabench.topology import machine_to_dict
 
-        summary = summarize(self.samples, self.workload.mode, self.window_start_ns)
+        samples = self.samples
+        if self.text_lengths:  # every request of an instance sends the same rows
+            samples = [replace(s, tokens=sum(self.text_lengths[s.instance])) for s in samples]
+        summary = summarize(samples, self.workload.mode, self.window_start_ns,
+                            seq=self.workload.seq if self.text_lengths else None)
         versions = next((r.get("versions") for r in self.ready.values() if r.get("versions")), {})
         return RunResult(
             status=status, error=error, failed_instance=failed_instance,
@@ -323,11 +360,17 @@ class _Run:
                          **({"backend": self.prepared.record} if self.prepared else {})},
             instances={
                 str(i.id): {"asked": {"cpus": list(i.cpus), "memory_nodes": list(i.memory_nodes),
-                                      "threads": i.threads, "batch": i.batch},
+                                      "threads": None if self.opts.framework_defaults else i.threads,
+                                      "batch": i.batch},
+                            # what numabench really bound ([]: not bound; got.affinity and
+                            # got.mempolicy say what the worker then ran with)
+                            "bound": self.binder.bound(i),
+                            **({"text": {"token_lengths": self.text_lengths[i.id], "padded_to": self.workload.seq}}
+                               if i.id in self.text_lengths else {}),
                             "got": {k: v for k, v in self.ready.get(i.id, {}).items()
                                     if k not in ("type", "v", "arrays")}}
                 for i in self.plan.instances},
-            window_start_ns=self.window_start_ns, samples=tuple(self.samples), summary=summary,
+            window_start_ns=self.window_start_ns, samples=tuple(samples), summary=summary,
             warnings=tuple(self.warnings) + summary.warnings + tuple(self.noise.warnings()),
             repetition=self.repetition,
             # requests sent and never answered (a failed or interrupted run)
@@ -340,6 +383,19 @@ class _Run:
         for p in paths:
             write_json_atomic(p, doc)
         return paths
+
+
+def text_lengths(workload: Workload, payloads: dict[int, Any]) -> dict[int, list[int]]:
+    """Each instance's rows' real token counts, tokenized here exactly as its worker does
+    (same tokenizer, truncated at seq), so the results can say how much of the work was padding."""
+    from numabench.workers import requests
+    from numabench.workers.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(workload.model))
+    if tokenizer is None:
+        return {}
+    return {iid: requests.token_lengths(tokenizer, head["texts"], max_length=workload.seq)
+            for iid, (head, _) in payloads.items() if head.get("texts")}
 
 
 def _startup_record(startup: dict[int, dict[str, int]]) -> dict[str, Any]:

@@ -67,3 +67,6 @@ class LaunchOptions:
     inflight: int = DEFAULT_INFLIGHT  # throughput mode: requests outstanding per instance
     omp_runtime: str = "gnu"  # gnu (the framework's own) or intel (libiomp5 preloaded)
     pin_threads: bool = True  # each OpenMP / ONNX Runtime thread bound to its own CPU
+    # The out-of-the-box baseline: no binding (as --binder none) and no thread settings at all
+    # (no OMP/MKL variables, no set_num_threads): the framework's own defaults, recorded as got.
+    framework_defaults: bool = False

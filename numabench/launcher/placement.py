@@ -81,3 +81,29 @@ def pin_threads(cpus: Iterable[int]) -> Callable[[], None]:
                 pass
 
     return restore
+
+
+@dataclass(frozen=True)
+class CoreUse:
+    """How much of the machine's usable physical cores a set of CPUs covers."""
+
+    used: int  # usable physical cores with at least one of the CPUs
+    usable: int  # usable physical cores of the machine
+
+    @property
+    def idle(self) -> int:
+        return self.usable - self.used
+
+    def flag(self) -> str | None:
+        """The dry-run's and the report's mark for a split that leaves cores idle, or None."""
+        if self.idle <= 0:
+            return None
+        return f"leaves {self.idle} of {self.usable} usable physical cores idle"
+
+
+def core_use(machine: Machine, cpus: Iterable[int]) -> CoreUse:
+    """Cores, not CPUs: an SMT sibling adds no core, and 32 one-core instances on 48 cores
+    leave 16 idle (pure)."""
+    usable = machine.usable_cores()
+    taken = set(cpus)
+    return CoreUse(sum(1 for c in usable if taken & set(c.cpus)), len(usable))

@@ -32,12 +32,13 @@ class Started:
 def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str, precision: str,
                   seed: int, pin_self: bool, timeout_s: float,
                   warmup_shapes: Iterable[tuple[int, int]], warmup_iterations: int,
-                  options: Mapping[str, Any] | None = None) -> WorkerConfig:
+                  options: Mapping[str, Any] | None = None, set_threads: bool = True) -> WorkerConfig:
     """The config of the worker that runs `inst` (its seed offset by the instance id, so
-    instances draw different random inputs from one run seed)."""
+    instances draw different random inputs from one run seed). `set_threads` False: threads 0,
+    the framework keeps its own default count."""
     return WorkerConfig(
         instance=inst.id, endpoint=endpoint, model=model, backend=backend, precision=precision,
-        threads=inst.threads, cpus=tuple(inst.cpus), pin_self=pin_self,
+        threads=inst.threads if set_threads else 0, cpus=tuple(inst.cpus), pin_self=pin_self,
         warmup=WarmupSpec(shapes=tuple((int(b), int(s)) for b, s in warmup_shapes),
                           iterations=warmup_iterations),
         seed=seed + inst.id, options=dict(options or {}), timeout_s=timeout_s)
@@ -46,11 +47,12 @@ def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str
 def start_instance(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
                    config: WorkerConfig, preload: str | None = None,
                    base_env: Mapping[str, str] | None = None,
-                   threading: binding.Threading | None = None) -> Started:
+                   threading: binding.Threading | None = None, set_threads: bool = True) -> Started:
     """Bind and start one worker process in `group` (its log: the group's instance log).
-    `threading`: OpenMP runtime and thread binding (None: thread counts only)."""
+    `threading`: OpenMP runtime and thread binding (None: thread counts only); `set_threads`
+    False: no thread variable at all (the out-of-the-box baseline)."""
     env, warnings, applied = binding.worker_env(dict(os.environ if base_env is None else base_env),
-                                                inst, preload, threading)
+                                                inst, preload, threading, set_threads=set_threads)
     argv = binding.bind_prefix(binder, inst) + [
         sys.executable, "-m", "numabench.workers", "--config", config.to_json()]
     proc = group.start(inst.id, argv, env)

@@ -33,7 +33,7 @@ class WorkerConfig:
     model: str
     backend: str = "pytorch"
     precision: str = "fp32"
-    threads: int = 1
+    threads: int = 1  # 0: leave the framework's own default (the out-of-the-box baseline)
     cpus: tuple[int, ...] | None = None
     pin_self: bool = False
     warmup: WarmupSpec = WarmupSpec()
@@ -84,7 +84,7 @@ class WorkerConfig:
             raise ConfigError(f"timeout_s must be a positive number, got {timeout_s!r}")
         return cls(
             instance=instance, endpoint=endpoint, model=model, backend=backend,
-            precision=precision, threads=_int(raw, "threads", minimum=1, default=1), cpus=cpus,
+            precision=precision, threads=_int(raw, "threads", minimum=0, default=1), cpus=cpus,
             pin_self=pin_self, warmup=_warmup(raw.get("warmup")),
             seed=_int(raw, "seed", minimum=0, default=0), options=dict(options),
             timeout_s=float(timeout_s))

@@ -77,3 +77,11 @@ def tokenize(tokenizer: Any, texts: list[str], *, max_length: int,
                     return_tensors="np")
     return (np.asarray(enc["input_ids"], dtype=np.int64),
             np.asarray(enc["attention_mask"], dtype=np.int64))
+
+
+def token_lengths(tokenizer: Any, texts: list[str], *, max_length: int) -> list[int]:
+    """Each text's real token count as `tokenize` makes it (special tokens included, truncated
+    at `max_length`), before any padding: what padding to max_length or a bucket costs is
+    measured against these."""
+    enc = tokenizer(texts, padding=False, truncation=True, max_length=max_length)
+    return [len(ids) for ids in enc["input_ids"]]

@@ -34,11 +34,12 @@ class PyTorchBackend(Backend):
         import torch
 
         self._torch = torch
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # already set, or inter-op work has started: keep what runs
-            pass
+        if threads:  # 0: torch's own defaults (the out-of-the-box baseline sets nothing)
+            torch.set_num_threads(threads)
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError:  # already set, or inter-op work has started: keep what runs
+                pass
         self.weights_path = options.get("weights_path")
         if self.weights_path:
             # Every tensor a view of the node's shared, read-only file: nothing private.
