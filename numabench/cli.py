@@ -635,7 +635,8 @@ def sweep_cmd(experiment, output, resume, dry_run, binder, allocator, ray_addres
         exp, points, plans = plan_sweep(experiment, machine)
         click.echo(f"{exp.name} ({exp.kind}): {len(points)} points, all valid on this machine")
         for k, (p, plan) in enumerate(zip(points, plans)):
-            click.echo(f"{k + 1:>4}  {p.id}  ({len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs)")
+            shape = getattr(p, "shape", None) or f"{len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs"
+            click.echo(f"{k + 1:>4}  {p.id}  ({shape})")
         return
     outcome = run_sweep(machine, experiment, output, resume=resume, launch_opts=launch_opts)
     click.echo(f"{len(outcome.ran)} points run, {len(outcome.skipped)} skipped (finished earlier); "
