@@ -495,7 +495,7 @@ def summarize(point: DispatchPoint, rec: _Records, status: dict[str, Any] | None
                      load=round(busy_s / (window_s * len(members)), 4)
                      if window_s > 0 and members else None)
     for i in (status or {}).get("instances", []):
-        instances.append({k: i.get(k) for k in ("id", "pool", "cpus", "served", "errors",
+        instances.append({k: i.get(k) for k in ("id", "pool", "pid", "cpus", "served", "errors",
                                                  "restarts", "busy_s", "state")})
     real = int(rec.seq[ok].sum())
     padded = sum(int(p) for p, s in zip(rec.padded_seq, rec.status) if s == "ok" and p)
@@ -565,7 +565,8 @@ def run_point(point: DispatchPoint, plan: Plan, run_dir: Path, machine: Machine,
     return {
         "schema": DISPATCH_SCHEMA, "version": DISPATCH_VERSION, "status": "ok",
         "started": started, "point": point.to_dict(), "plan_file": "plan.yaml",
-        "plan": _plan_dict(plan), "daemon": {"command": daemon.cmd[1:], "options": status.get("options"),
+        "plan": _plan_dict(plan), "daemon": {"command": daemon.cmd[1:], "pid": status.get("pid"),
+                                             "options": status.get("options"),
                                              "loop_cpus": status.get("loop_cpus")},
         "machine": machine_to_dict(machine),
         "environment": {"python": platform.python_version(), "numabench": __version__,
