@@ -214,3 +214,44 @@ def test_dispatch_experiment_runs_both_plans_and_reports_them(tmp_path):
     assert html.count("<svg") == 2 and "split" in html and "uniform" in html
     rows = (report / "points.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("split_pad-max_rate6_r0,split,max,6.0")
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids whose command line holds `text` (our sweep folder names every daemon we start)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_ctrl_c_mid_stream_stops_the_daemon_and_marks_the_point_interrupted(tmp_path):
+    import signal
+    import time
+
+    path = write_exp(tmp_path, requests="duration: 60")
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "numabench", "sweep", str(path), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        log = out / "runs" / "split_pad-max_rate6_r0" / "daemon.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (log.exists() and "serving on" in log.read_text()):
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the stream
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert [e["status"] for e in manifest["points"]] == ["interrupted", "pending"]
+    assert "STOP received" in log.read_text() and "no worker left" in log.read_text()
+    assert _processes_naming(str(out)) == []  # the daemon and its workers are reaped

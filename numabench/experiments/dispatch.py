@@ -179,8 +179,15 @@ def plan_dispatch(exp: Experiment, machine: Machine) -> tuple[tuple[DispatchPoin
 
     d = exp.dispatch
     assert d is not None
-    plans: dict[str, Plan] = {}
     errors = []
+    if d.lengths.distribution == "texts":  # the lengths are the tokenized texts'
+        try:
+            lengths = [len(t) for t in tokenize_texts(d.lengths, exp.models[0])]
+            d = replace(d, lengths=replace(d.lengths, min=min(lengths), max=max(lengths)))
+        except (NumabenchError, OSError, ValueError) as e:
+            raise ExperimentError(f"cannot tokenize {d.lengths.file} with {exp.models[0]}'s "
+                                  f"tokenizer: {e}", where=exp.where("lengths.texts")) from None
+    plans: dict[str, Plan] = {}
     for k, choice in enumerate(d.plans):
         try:
             plan = served_plan(choice, machine, d.lengths)
@@ -275,7 +282,10 @@ def tokenize_texts(mix: LengthMix, model: str) -> list[np.ndarray]:
     tok = load_tokenizer(spec)
     if tok is None:
         raise NumabenchError(f"lengths.texts needs a tokenizer; {model} has none")
-    texts = [t.strip() for t in read_text(mix.file, "texts file").splitlines() if t.strip()]
+    text = read_text(mix.file, "texts file")
+    if mix.digest and hashlib.sha256(text.encode()).hexdigest()[:12] != mix.digest:
+        raise NumabenchError(f"{mix.file} changed since the experiment was checked; run the sweep again")
+    texts = [t.strip() for t in text.splitlines() if t.strip()]
     limit = spec.max_positions or 512
     return [np.asarray(tok(t, truncation=True, max_length=limit)["input_ids"], dtype=np.int64)
             for t in texts]
@@ -412,9 +422,10 @@ def drive(client, offsets_ns: np.ndarray, payloads: list[np.ndarray], drain_s: f
     """Send request k at start + offsets_ns[k] whether or not earlier ones were answered (open
     loop), reading replies while waiting; then wait up to drain_s for the missing replies."""
     n = len(offsets_ns)
-    rec = _Records(np.asarray(offsets_ns, np.int64), np.zeros(n, np.int64), np.array([len(p) for p in payloads], np.int64),
-                   np.zeros(n, np.int64), np.zeros(n, np.int64), ["lost"] * n, [None] * n,
-                   [None] * n, [None] * n)
+    rec = _Records(offsets_ns=np.asarray(offsets_ns, np.int64), scheduled_ns=np.zeros(n, np.int64),
+                   seq=np.array([len(p) for p in payloads], np.int64), sent_ns=np.zeros(n, np.int64),
+                   received_ns=np.zeros(n, np.int64), status=["lost"] * n, pool=[None] * n,
+                   instance=[None] * n, padded_seq=[None] * n)
     missing = set()
 
     def take(reply) -> None:
@@ -573,7 +584,8 @@ def run_point(point: DispatchPoint, plan: Plan, run_dir: Path, machine: Machine,
                         "hostname": socket.gethostname(), "kernel": platform.release(),
                         "versions": {"numabench": __version__, "python": platform.python_version()}},
         "summary": summary, "warnings": summary.pop("warnings"),
-        "raw": {"offset_ns": rec.offsets_ns.tolist(), "scheduled_ns": rec.scheduled_ns.tolist(), "sent_ns": rec.sent_ns.tolist(),
+        "raw": {"offset_ns": rec.offsets_ns.tolist(), "scheduled_ns": rec.scheduled_ns.tolist(),
+                "sent_ns": rec.sent_ns.tolist(),
                 "received_ns": rec.received_ns.tolist(), "seq": rec.seq.tolist(),
                 "status": rec.status, "pool": rec.pool, "instance": rec.instance,
                 "padded_seq": rec.padded_seq},
@@ -589,10 +601,14 @@ def _plan_dict(plan: Plan) -> dict[str, Any]:
 
 
 def _file_values(mix: LengthMix) -> tuple[int, ...]:
+    """The lengths file again (checked when the experiment was read; a point keeps only its digest)."""
+    from numabench.experiments.spec import length_lines
     from numabench.fileio import read_text
 
-    return tuple(int(line) for line in read_text(mix.file, "lengths file").split()
-                 if line.strip() and not line.startswith("#"))
+    text = read_text(mix.file, "lengths file")
+    if hashlib.sha256(text.encode()).hexdigest()[:12] != mix.digest:
+        raise NumabenchError(f"{mix.file} changed since the experiment was checked; run the sweep again")
+    return tuple(int(line) for _, line in length_lines(text))
 
 
 # ---- the runner's executor hook -------------------------------------------------------------------

@@ -278,6 +278,7 @@ class PlotData:
     notes: list[str] = field(default_factory=list)
     panels: list[Panel] = field(default_factory=list)
     ring_idle: bool = False  # ring the points that leave cores idle (not when every point does)
+    log_y: bool = False  # latency vs load: from milliseconds below saturation to seconds past it
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "x_label": self.x_label, "y_label": self.y_label,
@@ -508,6 +509,8 @@ def draw(p: PlotData, cap: str):
             ax.minorticks_off()
         ax.set_xlabel(p.x_label, fontsize=9)
         ax.set_ylabel(p.y_label, fontsize=9)
+        if p.log_y:
+            ax.set_yscale("log")
         if not shared:  # lines differ between panels: each panel names its own, at its right
             named = [h for h in ax.get_lines() if (h.get_gid() or "").startswith("line:")]
             ax.legend(handles=named + keys, loc="upper left", bbox_to_anchor=(1.02, 1.0),
@@ -698,7 +701,7 @@ def dispatch_plot_data(rows: list[dict[str, Any]]) -> list[PlotData]:
               for q, ys in (("p50", lines("latency_p50_ms", "lower")), (tail[8:11], lines(tail, "lower")))
               for line in ys}
     lat = PlotData("latency-vs-load", "Latency vs offered load", "offered load (requests/s)",
-                   "latency (ms)", series=series, notes=notes,
+                   "latency (ms, log scale)", series=series, notes=notes, log_y=True,
                    panels=[Panel("p50", lines("latency_p50_ms", "lower")),
                            Panel(tail[8:11], lines(tail, "lower"))])
     tput = lines("throughput", "higher")

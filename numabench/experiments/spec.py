@@ -8,6 +8,7 @@ error names the file, the line and the field just as a plan error does:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 import re
@@ -114,14 +115,15 @@ class LengthMix:
     median: float | None = None  # lognormal
     sigma: float | None = None  # lognormal: of the log
     file: str | None = None  # file, texts: absolute path
-    values: tuple[int, ...] = field(default=(), repr=False)  # file: the lengths read
+    digest: str | None = None  # file, texts: of the content (an edited file reruns on --resume)
+    values: tuple[int, ...] = field(default=(), repr=False)  # file (texts: once tokenized)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"distribution": self.distribution, "min": self.min, "max": self.max}
         if self.distribution == "lognormal":
             d.update(median=self.median, sigma=self.sigma)
         if self.file:
-            d["file"] = self.file
+            d.update(file=self.file, digest=self.digest)
         return d
 
 
@@ -135,6 +137,12 @@ class DispatchSpec:
     requests: int | None = None  # ... or this many requests per point
     queue_size: int | None = None  # serve --queue-size (None: serve's default)
     inflight: int | None = None  # serve --inflight
+
+
+def length_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, text) of a lengths file's entries: blank lines and # comments skipped."""
+    return [(n + 1, line.strip()) for n, line in enumerate(text.splitlines())
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 class _DispatchReader(YamlReader):
@@ -280,8 +288,8 @@ class _DispatchReader(YamlReader):
                 text = read_text(path, "lengths file" if key == "file" else "texts file")
             except FileReadError as e:
                 raise self.fail(f"lengths.{key}", str(e)) from None
-            lines = [(n + 1, line.strip()) for n, line in enumerate(text.splitlines())
-                     if line.strip() and not line.lstrip().startswith("#")]
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            lines = length_lines(text) if key == "file" else [(0, t) for t in text.splitlines() if t.strip()]
             if not lines:
                 raise self.fail(f"lengths.{key}", f"{path}: no lengths in it (one per line)"
                                 if key == "file" else f"{path}: no non-empty lines (one text a line)")
@@ -290,7 +298,7 @@ class _DispatchReader(YamlReader):
                     raise self.fail("lengths.texts", "texts need a model with a tokenizer; this "
                                     "model has none (use minilm, a local folder or a hub id, or "
                                     "give lengths as a distribution or a file of lengths)")
-                return LengthMix("texts", file=str(path))
+                return LengthMix("texts", file=str(path), digest=digest)
             values = []
             for n, line in lines:
                 if not re.fullmatch(r"\d{1,9}", line) or not 1 <= int(line) <= limit:
@@ -298,7 +306,7 @@ class _DispatchReader(YamlReader):
                                     f"of 1 to {limit} tokens (one integer a line)")
                 values.append(int(line))
             return LengthMix("file", min=min(values), max=max(values), file=str(path),
-                             values=tuple(values))
+                             digest=digest, values=tuple(values))
         dist = self.choice(d["distribution"], "lengths.distribution", DISTRIBUTIONS, "distribution")
         for key in ("min", "max"):
             if key not in d:
