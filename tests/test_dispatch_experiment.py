@@ -70,6 +70,7 @@ def dry_run(path: Path):
     ({"rate": "rate: [2, .inf]"}, "exp.yaml:6: rate[1]", "finite number above 0"),
     ({"rate": "rate: -3"}, "exp.yaml:6: rate", "not -3"),
     ({"rate": "rate: 1000000"}, "exp.yaml:6: rate", "at most 100000"),
+    ({"rate": "rate: 0.01", "requests": "duration: 10"}, "exp.yaml:6: rate", "less than one request"),
     ({"plans": None}, "exp.yaml", "missing 'plans'"),
     ({"plans": "plans: [split.yaml]"}, "exp.yaml:4: plans", "two or more plans"),
     ({"plans": "plans: [split.yaml, nothere.yaml]"}, "exp.yaml:4: plans[1]", "does not exist"),
@@ -185,6 +186,8 @@ def test_dispatch_experiment_runs_both_plans_and_reports_them(tmp_path):
         assert doc["status"] == "ok" and s["requests"] == 12 and s["ok"] == 12, (name, s)
         assert s["latency_ms"]["p50"] > 0 and s["throughput"] > 0
         assert doc["experiment"]["point"]["plan"] == name
+        # the generator is pinned off the plan's CPUs 0-1 where the machine has others
+        assert doc["generator"]["pinned"] == bool(os.sched_getaffinity(0) - {0, 1})
         # the daemon and its workers are gone
         assert _gone(doc["daemon"]["pid"]) and all(_gone(i["pid"]) for i in s["instances"])
     split, uniform = docs["split"], docs["uniform"]

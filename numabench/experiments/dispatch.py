@@ -540,6 +540,7 @@ def run_point(point: DispatchPoint, plan: Plan, run_dir: Path, machine: Machine,
     """Serve the point's request stream under its plan; the point document (schema
     numabench.dispatch). Raises DispatchError when the daemon cannot serve it."""
     from numabench.daemon.client import Client
+    from numabench.launcher import placement
     from numabench.plans.yamlio import dump_plan
     from numabench.topology import machine_to_dict
     from numabench.workers.models import resolve_model
@@ -562,10 +563,17 @@ def run_point(point: DispatchPoint, plan: Plan, run_dir: Path, machine: Machine,
     plan_file.write_text(dump_plan(plan))
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     daemon = _Daemon(point, plan_file, run_dir, binder, allocator)
+    # the generator, like launch's coordinator and serve's loop, off the workers' CPUs where the
+    # plan leaves any (pinned after the daemon started: it inherits the full set and narrows it)
+    where = placement.coordinator_placement(machine, plan.cpus)
     try:
         with Client(daemon.endpoint, timeout_s=10.0) as client:
             daemon.wait_ready(client)
-            rec = drive(client, offsets, payloads)
+            undo = (lambda: None) if where.shares_cpus_with_workers else placement.pin_threads(where.cpus)
+            try:
+                rec = drive(client, offsets, payloads)
+            finally:
+                undo()
             if daemon.proc.poll() is not None:
                 raise DispatchError(f"the daemon exited with code {daemon.proc.returncode} during "
                                     f"the stream (log {daemon.log_path}):{daemon.tail()}")
@@ -579,6 +587,7 @@ def run_point(point: DispatchPoint, plan: Plan, run_dir: Path, machine: Machine,
         "plan": _plan_dict(plan), "daemon": {"command": daemon.cmd[1:], "pid": status.get("pid"),
                                              "options": status.get("options"),
                                              "loop_cpus": status.get("loop_cpus")},
+        "generator": where.record(),
         "machine": machine_to_dict(machine),
         "environment": {"python": platform.python_version(), "numabench": __version__,
                         "hostname": socket.gethostname(), "kernel": platform.release(),

@@ -196,6 +196,9 @@ class _DispatchReader(YamlReader):
                             f"rate {max(rates):g}/s for {duration:g} s is about "
                             f"{max(rates) * duration:.0f} requests a point, more than "
                             f"{MAX_REQUESTS}; lower the rate or the duration")
+        if duration is not None and min(rates) * duration < 1:
+            raise self.fail("rate", f"rate {min(rates):g}/s for {duration:g} s expects less than one "
+                                    "request a point; raise the rate or the duration")
         queue = (self.integer(doc["queue_size"], "queue_size", minimum=1, maximum=1_000_000)
                  if "queue_size" in doc else None)
         inflight = (self.integer(doc["inflight"], "inflight", minimum=1, maximum=64)
