@@ -654,14 +654,18 @@ def dispatch_row(name: str, doc: dict[str, Any]) -> dict[str, Any]:
                 "plan": p["plan"], "pad": p["pad"], "offered_rate": float(p["rate"]),
                 "repetition": p["repetition"], "status": doc["status"], "requests": s["requests"],
                 "ok": s["ok"], "busy": s["busy"], "error": s["error"], "lost": s["lost"],
-                "throughput": s["throughput"], "latency_p50_ms": lat.get("p50"),
-                "latency_p90_ms": lat.get("p90"), "latency_p99_ms": lat.get("p99"),
+                "throughput": float(s["throughput"]), "latency_p50_ms": _num_or_none(lat.get("p50")),
+                "latency_p90_ms": _num_or_none(lat.get("p90")), "latency_p99_ms": _num_or_none(lat.get("p99")),
                 "padding_overhead": (None if s.get("padding_overhead") is None
                                      else round(100 * s["padding_overhead"], 1)),
                 "pools": pools, "shape": p.get("shape"), "tags": _dispatch_tags(doc.get("warnings") or []),
                 "warnings": " | ".join(doc.get("warnings") or [])}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ReportError(f"{name}: malformed dispatch point ({type(e).__name__}: {e})") from None
+
+
+def _num_or_none(v) -> float | None:
+    return None if v is None else float(v)
 
 
 def _dispatch_tags(warnings: list[str]) -> str:
@@ -738,7 +742,10 @@ def make_dispatch_report(folder: str | Path, out: str | Path | None = None) -> R
     rows = [dispatch_row(name, doc) for name, doc in docs]
     out = Path(out) if out is not None else folder / "report"
     plots = dispatch_plot_data(rows)
-    cap = dispatch_caption(manifest, [d for _, d in docs])
+    try:
+        cap = dispatch_caption(manifest, [d for _, d in docs])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReportError(f"{docs[0][0]}: malformed dispatch point ({type(e).__name__}: {e})") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         csv_path = out / "points.csv"
