@@ -151,3 +151,62 @@ def render_html(rs, rows: list[dict[str, Any]], plots, cap: str, out: Path) -> s
     parts.append("<p class=muted>Written by numabench report; self-contained (no scripts, no "
                  "outside files).</p></body></html>")
     return "\n".join(parts) + "\n"
+
+
+DISPATCH_HTML_COLUMNS = (("plan", "plan", True), ("shape", "pools (range: instances x cores)", True),
+                         ("pad", "pad", True), ("offered_rate", "offered/s", False),
+                         ("repetition", "rep", False), ("status", "status", True),
+                         ("requests", "requests", False), ("ok", "ok", False), ("busy", "busy", False),
+                         ("error", "errors", False), ("lost", "lost", False),
+                         ("throughput", "served/s", False), ("latency_p50_ms", "p50 ms", False),
+                         ("latency_p90_ms", "p90 ms", False), ("latency_p99_ms", "p99 ms", False),
+                         ("padding_overhead", "padding +%", False), ("pools", "per pool", True),
+                         ("tags", "warnings", True))
+
+
+def render_dispatch_html(manifest: dict[str, Any], docs, rows: list[dict[str, Any]], plots,
+                         cap: str, notes: list[str], out: Path) -> str:
+    """A dispatch experiment's page: caption, machine, the two figures, the table, each plan."""
+    name = manifest.get("name") or out.resolve().parent.name
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+             f"<meta name=viewport content='width=device-width, initial-scale=1'>"
+             f"<title>numabench report: {_e(name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>numabench report: {_e(name)} (dispatch)</h1>", f"<p class=caption>{_e(cap)}</p>"]
+    if manifest.get("description"):
+        parts.append(f"<p>{_e(manifest['description'])}</p>")
+    parts += [f"<p class=note>{_e(n)}</p>" for n in notes]
+    parts.append("<h2>Machine</h2><table>" + "".join(
+        f"<tr><th class=l>{_e(k)}</th><td class=l>{_e(v)}</td></tr>"
+        for k, v in machine_summary(docs[0][1])) + "</table>")
+    parts.append("<h2>Figures</h2>")
+    for p in plots:
+        svg = (out / f"{p.name}.svg").read_text(encoding="utf-8")
+        parts.append(f"<figure id='fig-{_e(p.name)}'>{inline_svg(svg)}<figcaption>{_e(p.title)}: "
+                     f"{_e('; '.join(p.notes))}. Also as {_e(p.name)}.png and {_e(p.name)}.svg."
+                     "</figcaption></figure>")
+    head = "".join(f"<th class={'l' if left else 'r'}>{_e(h)}</th>" for _, h, left in DISPATCH_HTML_COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for k, _, left in DISPATCH_HTML_COLUMNS:
+            if k == "tags" and r[k]:
+                cells.append(f"<td class=warn title='{_e(r['warnings'])}'>{_e(r[k])}</td>")
+            else:
+                cells.append(f"<td class={'l' if left else 'r'}>{_e(_num(r[k]))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("<h2>Points</h2><p class=muted>Latency in ms from each request's scheduled send "
+                 "to its reply; served/s over the stream's window; padding: padded tokens over "
+                 "the requests' own tokens. Hover a warning for the full message.</p>")
+    parts.append(f"<div class=wide><table><tr>{head}</tr>{''.join(body)}</table></div>")
+    parts.append("<h2>Plans</h2>")
+    seen = set()
+    for _, doc in docs:
+        plan = doc["point"]["plan"]
+        if plan in seen:
+            continue
+        seen.add(plan)
+        parts.append(f"<details><summary>{_e(plan)}: {_e(doc['point'].get('shape'))}</summary>"
+                     f"{_plan_table(doc)}</details>")
+    parts.append("<p class=muted>Written by numabench report; self-contained (no scripts, no "
+                 "outside files).</p></body></html>")
+    return "\n".join(parts) + "\n"

@@ -314,6 +314,7 @@ class PlotData:
     notes: list[str] = field(default_factory=list)
     panels: list[Panel] = field(default_factory=list)
     ring_idle: bool = False  # ring the points that leave cores idle (not when every point does)
+    log_y: bool = False  # latency vs load: from milliseconds below saturation to seconds past it
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "x_label": self.x_label, "y_label": self.y_label,
@@ -560,6 +561,8 @@ def draw(p: PlotData, cap: str):
             ax.minorticks_off()
         ax.set_xlabel(p.x_label, fontsize=9)
         ax.set_ylabel(p.y_label, fontsize=9)
+        if p.log_y:
+            ax.set_yscale("log")
         if not shared:  # lines differ between panels: each panel names its own, at its right
             named = [h for h in ax.get_lines() if (h.get_gid() or "").startswith("line:")]
             ax.legend(handles=named + keys, loc="upper left", bbox_to_anchor=(1.02, 1.0),
@@ -606,6 +609,8 @@ class Report:
 def make_report(folder: str | Path, out: str | Path | None = None) -> Report:
     """Rows, table, CSV, figures (PNG + SVG), plots.json and report.html into `out`
     (default FOLDER/report)."""
+    if manifest_kind(folder) == "dispatch":  # requests served by plans: its own table and figures
+        return make_dispatch_report(folder, out)
     rs = load_result_set(folder)
     rows = [point_row(name, doc) for name, doc in rs.docs]
     if rs.manifest is None:  # files in name order say nothing: order by the parameters
@@ -637,3 +642,198 @@ def make_report(folder: str | Path, out: str | Path | None = None) -> Report:
     if rs.notes:
         table += "\n" + "\n".join(f"note: {n}" for n in rs.notes)
     return Report(rows, table, csv_path, plots, files, rs.notes, html_path)
+
+
+# ---- dispatch experiments (kind: dispatch) -------------------------------------------------------
+# One row per point (plan x pad x rate x repetition); latency p50 and p99 vs offered load, one
+# line per plan (and pad when it varies), and achieved vs offered throughput.
+
+DISPATCH_COLUMNS = ("id", "plan", "pad", "offered_rate", "repetition", "status", "requests", "ok",
+                    "busy", "error", "lost", "throughput", "latency_p50_ms", "latency_p90_ms",
+                    "latency_p99_ms", "padding_overhead", "pools", "shape", "warnings")
+DISPATCH_TABLE = (("plan", "plan"), ("pad", "pad"), ("offered_rate", "offered/s"),
+                  ("repetition", "rep"), ("status", "status"), ("ok", "ok"), ("busy", "busy"),
+                  ("error", "err"), ("lost", "lost"), ("throughput", "served/s"),
+                  ("latency_p50_ms", "p50 ms"), ("latency_p90_ms", "p90 ms"),
+                  ("latency_p99_ms", "p99 ms"), ("padding_overhead", "pad +%"), ("pools", "pools"),
+                  ("tags", "warnings"))
+
+
+def manifest_kind(folder: str | Path) -> str | None:
+    """The kind a sweep folder's manifest names (None: no readable manifest)."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m.get("kind") if isinstance(m, dict) else None
+
+
+def _dispatch_docs(folder: Path) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], list[str]]:
+    from numabench.experiments.dispatch import DISPATCH_SCHEMA
+
+    manifest = _read_manifest(folder / "manifest.json")
+    entries = sorted((e for e in manifest["points"] if isinstance(e, dict) and e.get("id")),
+                     key=lambda e: e.get("index", 0))
+    notes, docs = [], []
+    missing = [e["id"] for e in entries if e.get("status") != "ok"]
+    if missing:
+        notes.append(f"{len(missing)} point(s) have no results ({', '.join(missing[:3])}"
+                     f"{', ...' if len(missing) > 3 else ''}); finish with numabench sweep --resume")
+    for e in entries:
+        path = folder / "points" / f"{e['id']}.json"
+        if e.get("status") != "ok" or not path.exists():
+            continue
+        try:
+            doc = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as err:
+            raise ReportError(f"{path}: not a readable dispatch point ({err}); rerun it with "
+                              "numabench sweep --resume after moving it away") from None
+        if not isinstance(doc, dict) or doc.get("schema") != DISPATCH_SCHEMA:
+            raise ReportError(f"{path}: not a dispatch point document (schema "
+                              f"{doc.get('schema') if isinstance(doc, dict) else None!r}, expected "
+                              f"{DISPATCH_SCHEMA!r}); move it out of {folder}")
+        docs.append((path.name, doc))
+    if not docs:
+        raise ReportError(f"{folder} holds no finished dispatch points (points/*.json)")
+    return manifest, docs, notes
+
+
+def dispatch_row(name: str, doc: dict[str, Any]) -> dict[str, Any]:
+    try:
+        p, s = doc["point"], doc["summary"]
+        lat = s["latency_ms"]
+        pools = "; ".join(
+            f"{k}: {v.get('ok', 0)} ok" + (f", load {v['load']:.2f}" if v.get("load") is not None else "")
+            for k, v in s["pools"].items() if k != "-")
+        return {"id": (doc.get("experiment") or {}).get("point_id") or Path(name).stem,
+                "plan": p["plan"], "pad": p["pad"], "offered_rate": float(p["rate"]),
+                "repetition": p["repetition"], "status": doc["status"], "requests": s["requests"],
+                "ok": s["ok"], "busy": s["busy"], "error": s["error"], "lost": s["lost"],
+                "throughput": float(s["throughput"]), "latency_p50_ms": _num_or_none(lat.get("p50")),
+                "latency_p90_ms": _num_or_none(lat.get("p90")), "latency_p99_ms": _num_or_none(lat.get("p99")),
+                "padding_overhead": (None if s.get("padding_overhead") is None
+                                     else round(100 * s["padding_overhead"], 1)),
+                "pools": pools, "shape": p.get("shape"), "tags": _dispatch_tags(doc.get("warnings") or []),
+                "warnings": " | ".join(doc.get("warnings") or [])}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReportError(f"{name}: malformed dispatch point ({type(e).__name__}: {e})") from None
+
+
+def _num_or_none(v) -> float | None:
+    return None if v is None else float(v)
+
+
+def _dispatch_tags(warnings: list[str]) -> str:
+    """busy / errors / lag / few samples: what to know before trusting a row."""
+    tags = {"answered busy": "busy", "lost replies": "errors", "send lag": "lag", "no p99": "few samples"}
+    return "; ".join(tag for text, tag in tags.items() if any(text in w for w in warnings))
+
+
+def dispatch_plot_data(rows: list[dict[str, Any]]) -> list[PlotData]:
+    """latency-vs-load (panels p50, p99; p90 where no point has the 100 requests p99 needs) and
+    throughput-vs-load: x the offered rate, one line per plan (x pad when pads vary)."""
+    rows = [r for r in rows if r["status"] == "ok"]
+    pads = len({r["pad"] for r in rows}) > 1
+
+    def label(r):
+        return f"{r['plan']}, pad {r['pad']}" if pads else r["plan"]
+
+    def lines(y: str, better: str) -> list[Line]:
+        groups: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r[y] is not None:
+                groups[label(r)][r["offered_rate"]].append(r[y])
+        out = []
+        for lab in dict.fromkeys(label(r) for r in rows):
+            by_x = groups.get(lab, {})
+            xs = sorted(by_x)
+            out.append(Line(lab, xs, [representative(by_x[x], better) for x in xs],
+                            [[x, v] for x in xs for v in by_x[x]]))
+        return out
+
+    tail = "latency_p99_ms" if any(r["latency_p99_ms"] is not None for r in rows) else "latency_p90_ms"
+    notes = ["latency: from each request's scheduled (Poisson) send time to its reply; busy and "
+             "failed requests are counted in the table, not in the latencies"]
+    if tail == "latency_p90_ms":
+        notes.append("p90 shown: no point served the 100 requests a p99 needs")
+    series = {f"{line.label} {q}": {"x": line.x, "y": line.y}
+              for q, ys in (("p50", lines("latency_p50_ms", "lower")), (tail[8:11], lines(tail, "lower")))
+              for line in ys}
+    lat = PlotData("latency-vs-load", "Latency vs offered load", "offered load (requests/s)",
+                   "latency (ms, log scale)", series=series, notes=notes, log_y=True,
+                   panels=[Panel("p50", lines("latency_p50_ms", "lower")),
+                           Panel(tail[8:11], lines(tail, "lower"))])
+    tput = lines("throughput", "higher")
+    thr = PlotData("throughput-vs-load", "Served vs offered load", "offered load (requests/s)",
+                   "served (requests/s)", series={line.label: {"x": line.x, "y": line.y} for line in tput},
+                   panels=[Panel("", tput)],
+                   notes=["served: requests answered ok over the stream's window"])
+    return [lat, thr]
+
+
+def dispatch_caption(manifest: dict[str, Any], docs: list[dict[str, Any]]) -> str:
+    doc = docs[0]
+    m = doc.get("machine") or {}
+    p = doc["point"]
+    lengths = p.get("lengths") or {}
+    mix = lengths.get("distribution", "?")
+    if lengths.get("min") is not None:
+        mix += f" {lengths['min']}-{lengths['max']} tokens"
+    if lengths.get("median") is not None:
+        mix += f" (median {lengths['median']:g}, sigma {lengths['sigma']:g})"
+    per = f"{p['duration_s']:g} s" if p.get("duration_s") else f"{p.get('requests')} requests"
+    host = (doc.get("environment") or {}).get("hostname")
+    nodes = len([n for n in m.get("nodes") or [] if n.get("cpus")])
+    return (f"{m.get('model_name') or 'unknown CPU'} ({len(m.get('cores') or [])} cores, {nodes} NUMA "
+            f"node{'s' if nodes != 1 else ''}{', ' + host if host else ''}) · {p['model']} "
+            f"{p['backend']} {p['precision']} served by numabench serve · lengths {mix} · Poisson "
+            f"arrivals, {per} a point · numabench {(doc.get('environment') or {}).get('numabench', '?')}")
+
+
+def make_dispatch_report(folder: str | Path, out: str | Path | None = None) -> Report:
+    """A dispatch experiment's table, CSV, figures, plots.json and report.html."""
+    folder = Path(folder)
+    manifest, docs, notes = _dispatch_docs(folder)
+    rows = [dispatch_row(name, doc) for name, doc in docs]
+    out = Path(out) if out is not None else folder / "report"
+    plots = dispatch_plot_data(rows)
+    try:
+        cap = dispatch_caption(manifest, [d for _, d in docs])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReportError(f"{docs[0][0]}: malformed dispatch point ({type(e).__name__}: {e})") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path = out / "points.csv"
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=DISPATCH_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r[k] is None else r[k]) for k in DISPATCH_COLUMNS})
+        files = [csv_path] + write_plots(plots, cap, out)
+        (out / "plots.json").write_text(json.dumps(
+            {"caption": cap, "notes": notes, "plots": {p.name: p.to_dict() for p in plots}},
+            indent=1) + "\n")
+        files.append(out / "plots.json")
+        from numabench.experiments.html import render_dispatch_html
+
+        html_path = out / "report.html"
+        html_path.write_text(render_dispatch_html(manifest, docs, rows, plots, cap, notes, out),
+                             encoding="utf-8")
+        files.append(html_path)
+    except OSError as e:
+        raise ReportError(f"{e.filename or out}: cannot write the report there "
+                          f"({e.strerror or e}); choose another folder with -o") from None
+    table = render_dispatch_table(rows)
+    if notes:
+        table += "\n" + "\n".join(f"note: {n}" for n in notes)
+    return Report(rows, table, csv_path, plots, files, tuple(notes), html_path)
+
+
+def render_dispatch_table(rows: list[dict[str, Any]]) -> str:
+    cells = [[h for _, h in DISPATCH_TABLE]]
+    for r in rows:
+        cells.append([("-" if r[k] is None else _cell(r[k])) if k != "tags" else r[k]
+                      for k, _ in DISPATCH_TABLE])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, 1, 4, 14, 15) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells)

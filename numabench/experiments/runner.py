@@ -72,6 +72,10 @@ def finished(out_dir: Path, point: Point) -> bool:
 def plan_sweep(experiment_file: str | Path, machine: Machine):
     """Read, expand and validate: (experiment, points, plans). Nothing runs."""
     exp = load_experiment(experiment_file)
+    if exp.kind == "dispatch":  # plans x pads x rates, served by the daemon (experiments/dispatch.py)
+        from numabench.experiments.dispatch import plan_dispatch
+
+        return (exp, *plan_dispatch(exp, machine))
     points = expand(exp, machine)
     plans = validate_points(points, machine, where=exp.where())
     return exp, points, plans
@@ -88,7 +92,7 @@ def dry_run_text(exp: Experiment, points, plans, machine: Machine) -> str:
     for k, (p, plan) in enumerate(zip(points, plans)):
         flag = core_use(machine, plan.cpus).flag()
         flagged += flag is not None
-        shape = f"{len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs"
+        shape = getattr(p, "shape", None) or f"{len(plan.instances)} x {len(plan.instances[0].cpus)} CPUs"
         lines.append(f"{k + 1:>4}{' !' if flag else '  '} {p.id}  ({shape}"
                      + (f"; {flag}" if flag else "") + ")")
     if flagged:
@@ -303,6 +307,13 @@ def run_sweep(machine: Machine, experiment_file: str | Path, out_dir: str | Path
     if out.exists() and not out.is_dir():
         raise ExperimentError(f"{out} exists and is not a folder")
     opts = launch_opts or LaunchOptions()
+    if exp.kind == "dispatch":  # each point runs the daemon and its request stream here
+        if executor is not None:
+            raise ExperimentError("a dispatch experiment runs on this machine (the daemon and the "
+                                  "request stream together); drop --ray", where=exp.where("kind"))
+        from numabench.experiments.dispatch import DispatchExecutor
+
+        executor = DispatchExecutor()
     sweep = _Sweep(machine, exp, experiment_text, points, plans, out, opts,
                    stream or sys.stderr, clock, executor)
     # SIGTERM or SIGHUP between points stops the sweep as cleanly as Ctrl-C (run_launch handles

@@ -8,6 +8,7 @@ error names the file, the line and the field just as a plan error does:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 import re
@@ -22,7 +23,7 @@ from numabench.plans.model import PlanSource
 from numabench.plans.yamlio import YamlReader, compose, describe_node, read_yaml_file, type_name
 
 EXPERIMENT_VERSION = 1
-KINDS = ("core-scaling", "batch-scaling", "smt", "grid")
+KINDS = ("core-scaling", "batch-scaling", "smt", "grid", "dispatch")
 MODES = ("split", "throughput")  # the launcher's modes (kept here so reading YAML stays light)
 AUTO = "auto"
 
@@ -39,12 +40,14 @@ KIND_KEYS = {
     # the product of every axis given
     "grid": ("instances", "cores_per_instance", "smt"),
 }
-ALL_KEYS = COMMON_KEYS + ("instances", "cores", "cores_per_instance", "smt")
+ALL_KEYS = COMMON_KEYS + ("instances", "cores", "cores_per_instance", "smt") + (
+    "plans", "lengths", "rate", "requests", "pad", "queue_size", "inflight")  # the last: dispatch
 KIND_HELP = {
     "core-scaling": "one instance on 1..all cores; use 'cores'",
     "batch-scaling": "N instances share 'cores' (default: all); use 'instances' and 'cores'",
     "smt": "compares smt off and on itself; use 'instances' and 'cores_per_instance'",
     "grid": "use 'instances' and/or 'cores_per_instance'",
+    "dispatch": "serves a request stream to 'plans'; see docs/experiments.md",
 }
 # Baselines run beside the pinned points of the launch kinds (docs/experiments.md): oob, the
 # out-of-the-box single process (no binding, no thread settings); unpinned, every split again
@@ -66,6 +69,273 @@ DEFAULTS = {"model": "bert-base-cased", "backend": "pytorch", "precision": "fp32
 
 class ExperimentError(PlanError):
     """An experiment document, or one of its points, is invalid. `where` is 'file:line: field'."""
+
+
+# ---- kind: dispatch ---------------------------------------------------------------------------
+# An open-loop stream of requests of mixed lengths, served by `numabench serve` under two or more
+# plans on the same cores (numabench.experiments.dispatch runs it; docs/experiments.md).
+
+DISPATCH_KEYS = ("version", "kind", "name", "description", "model", "backend", "precision",
+                 "plans", "lengths", "rate", "duration", "requests", "pad", "warmup",
+                 "repetitions", "seed", "backend_options", "queue_size", "inflight")
+PADS = ("max", "bucket")  # serve --pad
+DISTRIBUTIONS = ("uniform", "lognormal")
+PLAN_ENTRY_KEYS = ("name", "preset", "file", "instances", "cores_per_instance", "smt")
+LENGTH_KEYS = ("distribution", "min", "max", "median", "sigma", "file", "texts")
+DEFAULT_DISPATCH_DURATION_S = 30.0
+MAX_RATE = 100_000.0  # requests/s: beyond it a typo, not a measurement
+MAX_REQUESTS = 1_000_000  # per point, counted before anything runs
+MAX_SIGMA = 10.0
+_PLAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}$")  # it names point files
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """One plan of a dispatch experiment: a preset (built-in or file), a plan file, or a
+    planner shape (instances / cores_per_instance: one uniform pool)."""
+
+    name: str
+    preset: str | None = None
+    file: str | None = None  # absolute
+    instances: int | None = None
+    cores_per_instance: int | None = None
+    smt: bool = False
+
+    def describe(self) -> str:
+        if self.preset:
+            return f"preset {self.preset}"
+        if self.file:
+            return f"plan {self.file}"
+        shape = [f"{self.instances} instances"] if self.instances else []
+        shape += [f"{self.cores_per_instance} cores each"] if self.cores_per_instance else []
+        return ", ".join(shape) + (" +SMT" if self.smt else "")
+
+
+@dataclass(frozen=True)
+class LengthMix:
+    """Request lengths in tokens: `uniform` or `lognormal` over [min, max], `file` (one length a
+    line, drawn at random) or `texts` (one text a line, tokenized with the model's tokenizer)."""
+
+    distribution: str  # uniform | lognormal | file | texts
+    min: int | None = None
+    max: int | None = None
+    median: float | None = None  # lognormal
+    sigma: float | None = None  # lognormal: of the log
+    file: str | None = None  # file, texts: absolute path
+    digest: str | None = None  # file, texts: of the content (an edited file reruns on --resume)
+    values: tuple[int, ...] = field(default=(), repr=False)  # file (texts: once tokenized)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"distribution": self.distribution, "min": self.min, "max": self.max}
+        if self.distribution == "lognormal":
+            d.update(median=self.median, sigma=self.sigma)
+        if self.file:
+            d.update(file=self.file, digest=self.digest)
+        return d
+
+
+@dataclass(frozen=True)
+class DispatchSpec:
+    plans: tuple[PlanChoice, ...]
+    lengths: LengthMix
+    rates: tuple[float, ...]  # offered requests/s, Poisson arrivals
+    pads: tuple[str, ...] = ("max",)
+    duration_s: float | None = DEFAULT_DISPATCH_DURATION_S  # seconds of arrivals per point...
+    requests: int | None = None  # ... or this many requests per point
+    queue_size: int | None = None  # serve --queue-size (None: serve's default)
+    inflight: int | None = None  # serve --inflight
+
+
+def length_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, text) of a lengths file's entries: blank lines and # comments skipped."""
+    return [(n + 1, line.strip()) for n, line in enumerate(text.splitlines())
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+class _DispatchReader(YamlReader):
+    """The dispatch kind's own keys (the common ones are read by _ExperimentReader)."""
+
+    base_dir: Path = Path(".")
+
+    def finite(self, node, path: str, what: str, *, low: float, high: float) -> float:
+        value = self.scalar(node, path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(path, f"expected a number ({what}), got {value!r} ({type_name(value)})")
+        if not (math.isfinite(value) and low < value <= high):
+            raise self.fail(path, f"must be a finite number above {low:g} and at most {high:g} "
+                                  f"({what}), not {value}")
+        return float(value)
+
+    def path_in(self, node, path: str) -> Path:
+        value = self.string(node, path)
+        if not value:
+            raise self.fail(path, "expected a file name")
+        p = Path(value).expanduser()
+        return (p if p.is_absolute() else self.base_dir / p).resolve()
+
+    def dispatch_spec(self, doc, out: dict[str, Any]) -> DispatchSpec:
+        from numabench.workers.models import resolve_model
+
+        for key in ("model", "backend", "precision"):
+            if key in doc and len(out[key + "s"]) > 1:
+                raise self.fail(key, "a dispatch experiment serves one model, backend and "
+                                     "precision: give one value (compare others in another experiment)")
+        for key in ("plans", "lengths", "rate"):
+            if key not in doc:
+                raise self.fail("", f"missing {key!r}: a dispatch experiment needs plans (two or "
+                                    "more), lengths (the request-length mix) and rate (requests/s)")
+        spec = resolve_model(out.get("models", (DEFAULTS["model"],))[0])
+        plans = self.plan_choices(doc["plans"])
+        lengths = self.length_mix(doc["lengths"], spec.max_positions, spec.has_tokenizer)
+        rates = self.axis(doc["rate"], "rate",
+                          lambda n, p: self.finite(n, p, "requests/s", low=0.0, high=MAX_RATE))
+        pads = (self.axis(doc["pad"], "pad", lambda n, p: self.choice(n, p, PADS, "pad"))
+                if "pad" in doc else ("max",))
+        duration, requests = out.pop("duration_s", None), None
+        if "requests" in doc:
+            if "duration" in doc:
+                raise self.fail("requests", "give requests or duration, not both")
+            requests = self.integer(doc["requests"], "requests", minimum=1, maximum=MAX_REQUESTS)
+        elif duration is None:
+            duration = DEFAULT_DISPATCH_DURATION_S
+        if duration is not None and max(rates) * duration > MAX_REQUESTS:
+            raise self.fail("duration" if "duration" in doc else "rate",
+                            f"rate {max(rates):g}/s for {duration:g} s is about "
+                            f"{max(rates) * duration:.0f} requests a point, more than "
+                            f"{MAX_REQUESTS}; lower the rate or the duration")
+        if duration is not None and min(rates) * duration < 1:
+            raise self.fail("rate", f"rate {min(rates):g}/s for {duration:g} s expects less than one "
+                                    "request a point; raise the rate or the duration")
+        queue = (self.integer(doc["queue_size"], "queue_size", minimum=1, maximum=1_000_000)
+                 if "queue_size" in doc else None)
+        inflight = (self.integer(doc["inflight"], "inflight", minimum=1, maximum=64)
+                    if "inflight" in doc else None)
+        return DispatchSpec(plans=plans, lengths=lengths, rates=rates, pads=pads,
+                            duration_s=duration, requests=requests, queue_size=queue,
+                            inflight=inflight)
+
+    def plan_choices(self, node) -> tuple[PlanChoice, ...]:
+        if not isinstance(node, yaml.SequenceNode) or len(node.value) < 2:
+            got = describe_node(node) if not isinstance(node, yaml.SequenceNode) else \
+                f"{len(node.value)} plan{'s' if len(node.value) != 1 else ''}"
+            raise self.fail("plans", f"expected a list of two or more plans to compare, got {got} "
+                                     "(e.g. [{preset: smart-dispatch}, {name: uniform, instances: 6}])")
+        plans: list[PlanChoice] = []
+        for k, item in enumerate(node.value):
+            path = f"plans[{k}]"
+            self.lines[path] = item.start_mark.line + 1
+            if isinstance(item, yaml.ScalarNode):  # a preset name or a plan file
+                value = self.text(item, path)
+                d = {"file" if value.endswith((".yaml", ".yml")) else "preset": item}
+            else:
+                d = self.mapping(item, path, PLAN_ENTRY_KEYS)
+            given = [key for key in ("preset", "file") if key in d]
+            shape = [key for key in ("instances", "cores_per_instance") if key in d]
+            if len(given) + bool(shape) != 1:
+                raise self.fail(path, "give exactly one of preset, file, or instances / "
+                                      "cores_per_instance (one uniform pool)")
+            kw: dict[str, Any] = {}
+            if "preset" in d:
+                from numabench.plans.presets import BUILTIN_PRESETS
+
+                preset = self.text(d["preset"], f"{path}.preset")
+                if preset not in BUILTIN_PRESETS:
+                    file = self.path_in(d["preset"], f"{path}.preset")
+                    if not file.is_file():
+                        raise self.fail(f"{path}.preset", f"unknown preset {preset!r}: use one of "
+                                        f"{', '.join(BUILTIN_PRESETS)} or a preset YAML file")
+                    preset = str(file)
+                kw["preset"] = preset
+            if "file" in d:
+                file = self.path_in(d["file"], f"{path}.file")
+                if not file.is_file():
+                    raise self.fail(f"{path}.file", f"plan file {file} does not exist (relative "
+                                                    "names are read beside the experiment file)")
+                kw["file"] = str(file)
+            for key in shape:
+                kw[key] = self.integer(d[key], f"{path}.{key}", minimum=1, maximum=100_000)
+            if "smt" in d:
+                if not shape:
+                    raise self.fail(f"{path}.smt", "smt applies to instances / cores_per_instance "
+                                                   "(a preset or plan file says it itself)")
+                kw["smt"] = self.boolean(d["smt"], f"{path}.smt")
+            if "name" in d:
+                name = self.text(d["name"], f"{path}.name")
+            else:
+                name = Path(kw.get("file") or kw.get("preset") or "").stem or (
+                    f"uniform-{kw.get('instances') or ''}x{kw.get('cores_per_instance') or ''}".rstrip("x-"))
+            if not _PLAN_NAME.match(name):
+                raise self.fail(f"{path}.name" if "name" in d else path,
+                                f"plan name {name[:50]!r} names the point files: use up to 40 "
+                                "letters, digits and . _ + - (give one with name:)")
+            if any(p.name == name for p in plans):
+                raise self.fail(f"{path}.name" if "name" in d else path,
+                                f"two plans are named {name!r}; give each its own name:")
+            plans.append(PlanChoice(name=name, **kw))
+        return tuple(plans)
+
+    def length_mix(self, node, max_positions: int | None, has_tokenizer: bool | None) -> LengthMix:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail("lengths", "expected a mapping: {distribution: uniform|lognormal, min: "
+                                       f"N, max: N}}, {{file: lengths.txt}} or {{texts: texts.txt}}; "
+                                       f"got {describe_node(node)}")
+        d = self.mapping(node, "lengths", LENGTH_KEYS)
+        sources = [key for key in ("distribution", "file", "texts") if key in d]
+        if len(sources) != 1:
+            raise self.fail("lengths", "give exactly one of distribution (with min and max), file "
+                                       "(one length a line) or texts (one text a line)")
+        limit = max_positions or 1_000_000
+        if "texts" in d or "file" in d:
+            key = sources[0]
+            extra = [k for k in d if k != key]
+            if extra:
+                raise self.fail(f"lengths.{extra[0]}", f"{extra[0]!r} applies to a distribution, "
+                                                       f"not to lengths from a {key} file")
+            path = self.path_in(d[key], f"lengths.{key}")
+            from numabench.fileio import FileReadError, read_text
+
+            try:
+                text = read_text(path, "lengths file" if key == "file" else "texts file")
+            except FileReadError as e:
+                raise self.fail(f"lengths.{key}", str(e)) from None
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            lines = length_lines(text) if key == "file" else [(0, t) for t in text.splitlines() if t.strip()]
+            if not lines:
+                raise self.fail(f"lengths.{key}", f"{path}: no lengths in it (one per line)"
+                                if key == "file" else f"{path}: no non-empty lines (one text a line)")
+            if key == "texts":
+                if has_tokenizer is False:
+                    raise self.fail("lengths.texts", "texts need a model with a tokenizer; this "
+                                    "model has none (use minilm, a local folder or a hub id, or "
+                                    "give lengths as a distribution or a file of lengths)")
+                return LengthMix("texts", file=str(path), digest=digest)
+            values = []
+            for n, line in lines:
+                if not re.fullmatch(r"\d{1,9}", line) or not 1 <= int(line) <= limit:
+                    raise self.fail("lengths.file", f"{path}:{n}: {line[:40]!r} is not a length "
+                                    f"of 1 to {limit} tokens (one integer a line)")
+                values.append(int(line))
+            return LengthMix("file", min=min(values), max=max(values), file=str(path),
+                             digest=digest, values=tuple(values))
+        dist = self.choice(d["distribution"], "lengths.distribution", DISTRIBUTIONS, "distribution")
+        for key in ("min", "max"):
+            if key not in d:
+                raise self.fail("lengths", f"missing {key!r}: a {dist} distribution needs min and "
+                                           "max (tokens)")
+        low = self.integer(d["min"], "lengths.min", minimum=1, maximum=limit)
+        high = self.integer(d["max"], "lengths.max", minimum=low, maximum=limit)
+        if dist == "uniform":
+            for key in ("median", "sigma"):
+                if key in d:
+                    raise self.fail(f"lengths.{key}", f"{key!r} applies to lognormal, not uniform")
+            return LengthMix("uniform", min=low, max=high)
+        median = (self.finite(d["median"], "lengths.median", "tokens", low=0.0, high=float(high))
+                  if "median" in d else math.sqrt(low * high))
+        if median < low:
+            raise self.fail("lengths.median", f"median {median:g} is below min {low}")
+        sigma = (self.finite(d["sigma"], "lengths.sigma", "of log lengths", low=0.0, high=MAX_SIGMA)
+                 if "sigma" in d else 1.0)
+        return LengthMix("lognormal", min=low, max=high, median=median, sigma=sigma)
 
 
 @dataclass(frozen=True)
@@ -94,6 +364,7 @@ class Experiment:
     binder: str | None = None  # None: the command line's --binder
     description: str | None = None
     version: int = EXPERIMENT_VERSION
+    dispatch: DispatchSpec | None = None  # kind dispatch only
     source: PlanSource | None = field(default=None, compare=False, repr=False)
 
     def where(self, path: str = "") -> str:
@@ -105,15 +376,20 @@ def load_experiment(source: str | os.PathLike, *, name: str | None = None) -> Ex
     if isinstance(source, os.PathLike) or "\n" not in str(source):
         path = Path(source)
         text = read_yaml_file(path, "experiment", ExperimentError)
-        return parse_experiment(text, name=name or str(path), default_name=path.stem)
+        return parse_experiment(text, name=name or str(path), default_name=path.stem,
+                                base_dir=path.parent)
     return parse_experiment(str(source), name=name or "<string>", default_name="experiment")
 
 
-def parse_experiment(text: str, *, name: str = "<string>", default_name: str = "experiment") -> Experiment:
-    return _ExperimentReader(name).experiment(compose(text, name, ExperimentError), default_name)
+def parse_experiment(text: str, *, name: str = "<string>", default_name: str = "experiment",
+                     base_dir: str | os.PathLike | None = None) -> Experiment:
+    """`base_dir`: where relative file names inside the document are found (default: here)."""
+    reader = _ExperimentReader(name)
+    reader.base_dir = Path(base_dir) if base_dir is not None else Path(".")
+    return reader.experiment(compose(text, name, ExperimentError), default_name)
 
 
-class _ExperimentReader(YamlReader):
+class _ExperimentReader(_DispatchReader):
     def fail(self, path: str, message: str) -> ExperimentError:
         return ExperimentError(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
 
@@ -156,7 +432,8 @@ class _ExperimentReader(YamlReader):
         if "kind" not in doc:
             raise self.fail("", f"missing 'kind' (one of {', '.join(KINDS)})")
         kind = self.choice(doc["kind"], "kind", KINDS, "kind")
-        allowed = COMMON_KEYS + KIND_KEYS[kind] + (("baseline", "binder") if kind in BASELINE_KINDS else ())
+        allowed = (DISPATCH_KEYS if kind == "dispatch" else COMMON_KEYS + KIND_KEYS[kind]
+                   + (("baseline", "binder") if kind in BASELINE_KINDS else ()))
         for key in doc:
             if key not in allowed:
                 raise self.fail(key, f"{key!r} does not apply to kind {kind} ({KIND_HELP[kind]})")
@@ -238,4 +515,6 @@ class _ExperimentReader(YamlReader):
                     bad = next((k for k in options if k in str(e)), "")
                     raise self.fail(f"backend_options.{bad}" if bad else "backend_options", str(e)) from None
             out["backend_options"] = tuple(sorted(options.items()))
+        if kind == "dispatch":
+            out["dispatch"] = self.dispatch_spec(doc, out)
         return Experiment(**out, source=PlanSource(self.name, tuple(self.lines.items())))
