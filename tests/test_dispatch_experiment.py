@@ -115,7 +115,7 @@ def test_plans_must_share_cores_and_cover_every_length(tmp_path):
 def test_dry_run_lists_plans_x_pads_x_rates(tmp_path):
     result = dry_run(write_exp(tmp_path, rate="rate: [2, 4]", requests="pad: [max, bucket]"))
     assert result.exit_code == 0, result.output
-    assert "8 points, all valid on this machine" in result.output
+    assert "8 points, all valid on" in result.output
     ids = [line.split()[1] for line in result.output.splitlines()[1:]]
     assert ids[:4] == ["split_pad-max_rate2_r0", "uniform_pad-max_rate2_r0",
                        "split_pad-bucket_rate2_r0", "uniform_pad-bucket_rate2_r0"]
