@@ -130,3 +130,18 @@ def test_dry_runs_on_each_real_fixture(name, topology_roots, tmp_path):
     assert r.exit_code == 0, r.output
     assert "nothing was run" in r.output
     assert (f"on {total} of {total} usable cores (0 idle)" in r.output) == ("idle cores" not in r.output)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_batch_scaling_on_all_cores_plans_on_each_real_fixture(name, topology_roots, tmp_path):
+    """`cores: auto` on a hybrid CPU, a cgroup allowing 4 + 2 cores of two nodes, memory-only
+    nodes: every point plans (the planner divides unequal nodes) instead of failing."""
+    if name not in topology_roots:
+        pytest.skip(f"fixture {name} not unpacked")
+    exp = tmp_path / "bs.yaml"
+    exp.write_text("version: 1\nkind: batch-scaling\nmodel: bert-tiny\nbackend: noop\nseq: 8\n"
+                   "batch: [1, 8]\n")
+    r = invoke("sweep", exp, "--root", topology_roots[name], "--dry-run")
+    assert r.exit_code == 0, r.output
+    numbered = [line for line in r.output.splitlines() if line[:4].strip().isdigit()]
+    assert len(numbered) >= 2 and "all valid on" in r.output

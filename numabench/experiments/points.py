@@ -196,13 +196,15 @@ def expand(exp: Experiment, machine: Machine) -> tuple[Point, ...]:
                  else exp.cores)
         shapes = [(b, 1, c, s) for b in exp.batches for c in cores for s in exp.smt]
     elif exp.kind == "batch-scaling":
-        totals = (ncores,) if exp.cores in (None, AUTO) else exp.cores
+        auto = exp.cores in (None, AUTO)
+        totals = (_plannable_cores(machine),) if auto else exp.cores
         for b in exp.batches:
             for total in totals:
                 counts = (powers_of_two(min(total, b)) if exp.instances in (None, AUTO)
                           else exp.instances)
                 # cores/instance 0 (more instances than cores) is refused by validation, by name
-                shapes += [(b, n, total // n, s) for n in counts for s in exp.smt]
+                shapes += [(b, n, _auto_split(machine, n, total, s) if auto else total // n, s)
+                           for n in counts for s in exp.smt]
     elif exp.kind == "smt":
         if not machine.smt:
             raise ExperimentError(no_smt_message(machine), where=exp.where("kind"))
@@ -256,6 +258,32 @@ def _instance_shapes(exp: Experiment, machine: Machine) -> list[tuple[int, int |
     if exp.instances is None:
         return [(_planned_instances(machine, c), c) for c in exp.cores_per_instance]
     return [(n, c) for n in exp.instances for c in exp.cores_per_instance]
+
+
+def _plannable_cores(machine: Machine) -> int:
+    from numabench.errors import PlanError
+    from numabench.plans import plannable_cores
+
+    try:
+        return plannable_cores(machine)
+    except PlanError:  # no usable cores at all: validation names it per point
+        return physical_cores(machine)
+
+
+def _auto_split(machine: Machine, n: int, total: int, smt: bool) -> int | None:
+    """`cores: auto`: total // n cores each where the planner can place that (equal nodes: the
+    stable, explicit shape); else None, so the planner divides unequal nodes (a cgroup that
+    allows 4 + 2 cores, a hybrid machine's P-cores) itself instead of the point failing."""
+    from numabench.errors import PlanError
+    from numabench.plans import PlanRequest, make_plan
+
+    if total // n == 0:
+        return 0  # refused by validation, by name
+    try:
+        make_plan(machine, PlanRequest(instances=n, cores_per_instance=total // n, smt=smt))
+        return total // n
+    except PlanError:
+        return None
 
 
 def _planned_instances(machine: Machine, cores_per_instance: int) -> int:

@@ -8,7 +8,7 @@ from numabench.plans.model import (
     SeqRange,
     split_batch,
 )
-from numabench.plans.planner import DispatchTier, PlanRequest, make_plan
+from numabench.plans.planner import DispatchTier, PlanRequest, make_plan, plannable_cores
 from numabench.plans.presets import BUILTIN_PRESETS, load_preset, parse_preset
 from numabench.plans.render import render_plan
 from numabench.plans.validate import validate_plan

@@ -122,6 +122,12 @@ def make_plan(machine: Machine, request: PlanRequest) -> Plan:
 # ---- request checks -----------------------------------------------------------------------
 
 
+def plannable_cores(machine: Machine) -> int:
+    """How many physical cores a request without restrictions may use here: the usable cores of
+    the fastest kind present (a hybrid machine's E-cores are not mixed in by default)."""
+    return sum(len(b.units) for b in _candidate_blocks(machine, PlanRequest()))
+
+
 def _check_request(r: PlanRequest) -> None:
     for flag, value in (("--instances", r.instances), ("--cores-per-instance", r.cores_per_instance),
                         ("--batch", r.batch)):
