@@ -675,7 +675,9 @@ class Daemon:
                 inst.ready_once = True
                 info = head.get("model_info") or {}
                 vocab = info.get("vocab_size") if isinstance(info, dict) else None
-                self.vocab_size = vocab if isinstance(vocab, int) else self.vocab_size
+                # a worker's word is trusted only within sense: a bad value keeps the model's own
+                ok = isinstance(vocab, int) and not isinstance(vocab, bool) and 0 < vocab < 1 << 31
+                self.vocab_size = vocab if ok else self.vocab_size
                 log.info("instance %d ready (pid %s, affinity %s)", inst.id, head.get("pid"),
                          head.get("affinity"))
                 self._announce_ready()
