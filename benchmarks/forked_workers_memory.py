@@ -89,6 +89,9 @@ def zygote(model: str, path: str, n: int, seq: int, forwards: int, out: str) -> 
             os.dup2(w_out, 1)
             for fd in (r_in, w_in, r_out, w_out):
                 os.close(fd)
+            for _, w, f in kids:  # an earlier worker's stdin held open here would never see EOF
+                os.close(w)
+                f.close()
             sys.stdin = os.fdopen(0, "r")
             sys.stdout = os.fdopen(1, "w")
             try:
