@@ -2,9 +2,13 @@
 
 `sample(pid, files)` returns one instance's RSS, PSS and USS (psutil), its anonymous memory (the
 private allocations: heap, arenas, copy-on-write copies) and, for each shared weights file it maps,
-how much of the file is resident in the mapping, its PSS, pages it wrote privately (non-zero means
-a copy was made), and the NUMA nodes holding its pages (/proc/PID/numa_maps "N<node>=<pages>").
-USS alone overstates private memory: file pages mapped by one process only count as USS.
+how much of the file is resident in the mapping, its PSS, the bytes it copied on write (`copied`:
+the mapping's anonymous pages; 0 unless something wrote to the weights), and the NUMA nodes holding
+its pages (/proc/PID/numa_maps "N<node>=<pages>").
+
+Not Private_Dirty: tmpfs pages are always dirty (they have no backing store), and smaps counts a
+page as "private" when only this process maps it, so Private_Dirty of a tmpfs mapping is every
+page no other worker has touched yet — not copies. USS overstates private memory the same way.
 Parsing functions are pure; `sample` does the reading.
 """
 from __future__ import annotations
@@ -18,7 +22,8 @@ _NODE_PAGES = re.compile(r"^N(\d+)=(\d+)$")
 
 
 def parse_smaps(text: str, files: Iterable[str]) -> dict[str, dict[str, int]]:
-    """Per wanted file: summed Rss, Pss, Private_Dirty (bytes) over its mappings in smaps."""
+    """Per wanted file: summed Rss, Pss and Anonymous ("copied": pages copied on write), in
+    bytes, over its mappings in smaps."""
     wanted = set(files)
     out: dict[str, dict[str, int]] = {}
     current: dict[str, int] | None = None
@@ -26,7 +31,7 @@ def parse_smaps(text: str, files: Iterable[str]) -> dict[str, dict[str, int]]:
         m = _SMAPS_HEADER.match(line)
         if m:
             path = m.group(1).strip()
-            current = out.setdefault(path, {"rss": 0, "pss": 0, "private_dirty": 0, "mappings": 0}) \
+            current = out.setdefault(path, {"rss": 0, "pss": 0, "copied": 0, "mappings": 0}) \
                 if path in wanted else None
             if current is not None:
                 current["mappings"] += 1
@@ -34,7 +39,7 @@ def parse_smaps(text: str, files: Iterable[str]) -> dict[str, dict[str, int]]:
         if current is None:
             continue
         key, _, value = line.partition(":")
-        field = {"Rss": "rss", "Pss": "pss", "Private_Dirty": "private_dirty"}.get(key)
+        field = {"Rss": "rss", "Pss": "pss", "Anonymous": "copied"}.get(key)
         if field:
             current[field] += int(value.split()[0]) * 1024
     return out
