@@ -153,3 +153,19 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether the process a file names (a state file, a lock, a per-run copy) still runs: how a
+    stale file is told from a live one. Another user's process counts as alive."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # beyond pid_t: no such process
+        return False
+    return True

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
+from numabench.fileio import pid_alive
 
 RUNTIME_ENV = "NUMABENCH_RUNTIME_DIR"  # overrides the private folder (tests, several daemons)
 ENDPOINT_ENV = "NUMABENCH_ENDPOINT"  # a client's endpoint without flags or state file
@@ -184,18 +185,6 @@ def is_our_daemon(doc: dict[str, Any]) -> bool:
         return False
     start = process_start(pid)
     return start is not None and start == doc.get("pid_start")
-
-
-def pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def discover_endpoint(endpoint: str | None = None) -> str:

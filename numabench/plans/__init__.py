@@ -28,6 +28,7 @@ __all__ = [
     "load_plan",
     "load_preset",
     "make_plan",
+    "plannable_cores",
     "parse_preset",
     "plan_for_launch",
     "render_plan",

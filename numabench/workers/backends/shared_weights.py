@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
-from numabench.fileio import file_sha256, locked
+from numabench.fileio import file_sha256, locked, pid_alive
 
 WEIGHTS_FORMAT = 1
 ALIGN = 64  # tensor data starts on a cache line when the tensors before it are multiples of 64 B
@@ -314,22 +314,12 @@ def _is_tmpfs(folder: Path) -> bool:
     return fstype == "tmpfs"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_copies(folder: Path, log: Callable[[str], None] | None = None) -> list[Path]:
     """Remove per-run copies left by launchers that are gone (killed before their cleanup)."""
     if not folder.is_dir():
         return []
     removed = []
-    for name in stale_copies(os.listdir(folder), _pid_alive):
+    for name in stale_copies(os.listdir(folder), pid_alive):
         with contextlib.suppress(FileNotFoundError):
             (folder / name).unlink()
             removed.append(folder / name)
