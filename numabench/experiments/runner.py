@@ -117,6 +117,21 @@ def _machine_summary(machine: Machine) -> dict[str, Any]:
             "nodes": [n.id for n in machine.nodes if n.cpus]}
 
 
+def write_sweep_manifest(out_dir: Path, *, status: str, name: str, kind: str, description: str | None,
+                         experiment_file: str, created: str, machine: Machine,
+                         points: list[dict[str, Any]]) -> None:
+    """The manifest (schema numabench.sweep) that report and --resume read: written by sweeps and
+    by `tune`, whose trials are points of the same folder layout."""
+    doc = {
+        "schema": MANIFEST_SCHEMA, "version": MANIFEST_VERSION, "status": status,
+        "name": name, "kind": kind, "description": description,
+        "experiment_file": experiment_file, "created": created,
+        "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "numabench": __version__, "machine": _machine_summary(machine), "points": points,
+    }
+    write_json_atomic(out_dir / MANIFEST, doc)
+
+
 def _stop_signal(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -162,15 +177,10 @@ class _Sweep:
                 self.entries[p.id] = by_id[p.id]
 
     def write_manifest(self, status: str) -> None:
-        doc = {
-            "schema": MANIFEST_SCHEMA, "version": MANIFEST_VERSION, "status": status,
-            "name": self.exp.name, "kind": self.exp.kind, "description": self.exp.description,
-            "experiment_file": "experiment.yaml", "created": self.created,
-            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "numabench": __version__, "machine": _machine_summary(self.machine),
-            "points": [self.entries[p.id] for p in self.points],
-        }
-        write_json_atomic(self.out_dir / MANIFEST, doc)
+        write_sweep_manifest(self.out_dir, status=status, name=self.exp.name, kind=self.exp.kind,
+                             description=self.exp.description, experiment_file="experiment.yaml",
+                             created=self.created, machine=self.machine,
+                             points=[self.entries[p.id] for p in self.points])
 
     def entry(self, k: int, p: Point, status: str, **extra) -> None:
         e = self.entries.get(p.id, {})

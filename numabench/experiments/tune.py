@@ -1085,22 +1085,14 @@ class LaunchTrials:
 
     def write_manifest(self, status: str | None = None) -> None:
         """The sweep runner's manifest (schema numabench.sweep), so report and resume read it."""
-        from numabench.experiments.points import physical_cores
-        from numabench.experiments.runner import MANIFEST, MANIFEST_SCHEMA, MANIFEST_VERSION
-        from numabench.results import write_json_atomic
+        from numabench.experiments.runner import write_sweep_manifest
 
         if status:
             self.status = status
-        m = self.machine
-        doc = {"schema": MANIFEST_SCHEMA, "version": MANIFEST_VERSION, "status": self.status,
-               "name": self.spec.name, "kind": "tune", "description": self.spec.description,
-               "experiment_file": TUNE_FILE, "created": self.created, "updated": _now(),
-               "numabench": __version__,
-               "machine": {"model_name": m.model_name, "physical_cores": physical_cores(m),
-                           "cpus_usable": len(m.cpus_usable), "threads_per_core": m.threads_per_core,
-                           "nodes": [n.id for n in m.nodes if n.cpus]},
-               "points": [self.entries[i] for i in self.order if i in self.entries]}
-        write_json_atomic(self.out / MANIFEST, doc)
+        write_sweep_manifest(self.out, status=self.status, name=self.spec.name, kind="tune",
+                             description=self.spec.description, experiment_file=TUNE_FILE,
+                             created=self.created, machine=self.machine,
+                             points=[self.entries[i] for i in self.order if i in self.entries])
 
 
 def _now() -> str:
