@@ -16,7 +16,7 @@ from numabench.plans import PlanRequest, make_plan
 from numabench.topology import read_machine
 
 REPO = Path(__file__).resolve().parents[1]
-ARTICLE_EXPERIMENTS = ("batch-scaling", "core-scaling", "smt")
+ARTICLE_EXPERIMENTS = ("batch-scaling", "core-scaling", "smt", "smart-dispatch")
 FIXTURE_NAMES = [t.name.removesuffix(".tar.bz2") for t in fixture_tarballs()] or ["(none)"]
 
 
