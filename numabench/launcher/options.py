@@ -67,3 +67,6 @@ class LaunchOptions:
     inflight: int = DEFAULT_INFLIGHT  # throughput mode: requests outstanding per instance
     omp_runtime: str = "gnu"  # gnu (the framework's own) or intel (libiomp5 preloaded)
     pin_threads: bool = True  # each OpenMP / ONNX Runtime thread bound to its own CPU
+    # Each worker's ZeroMQ threads on the coordinator's CPUs when the plan leaves any free
+    # (off the compute cores); False keeps them on the instance's CPUs.
+    io_threads_off_cores: bool = True
