@@ -302,6 +302,11 @@ class Worker:
         self.spec = spec = models.resolve_model(cfg.model)
         self.backend = create_backend(cfg.backend)
         self.backend.load(spec, cfg.precision, cfg.threads, cfg.options, seed=cfg.seed)
+        # Framework modes (PyTorch's inference mode) entered once on this, the computing thread,
+        # as a bare loop does, rather than around every request.
+        hold = getattr(self.backend, "hold_modes", None)
+        if hold is not None:
+            hold()
         if spec.has_tokenizer is not False:
             self.tokenizer = models.load_tokenizer(spec)
         info = self.backend.info()
