@@ -15,7 +15,6 @@ import numpy as np
 from numabench.workers import models
 from numabench.workers.backends import Backend, check_options
 
-
 MAX_CACHED_SHAPES = 32
 
 
@@ -72,7 +71,7 @@ class PyTorchBackend(Backend):
     def hold_modes(self) -> None:
         """Enter inference mode (and bf16 autocast) on the calling thread for the rest of its life,
         as a bare loop does around its loop: entering them around each call instead made
-        bert-tiny's forward pass ~4% slower in a loop on the 2-vCPU dev VM. For a worker's main
+        bert-tiny's forward pass 1-2% slower in a loop on the 2-vCPU dev VM. For a worker's main
         thread only (the process exists to serve); `run` then calls the model directly."""
         for mode in self._modes:
             mode.__enter__()
