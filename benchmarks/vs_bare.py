@@ -78,7 +78,7 @@ def numabench_run(machine, plan, args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         doc = run_launch(machine, plan, workload, LaunchOptions(
             run_dir=Path(tmp), progress=False, inflight=args.inflight, omp_runtime=args.omp_runtime,
-            pin_threads=args.pin_threads)).to_dict()
+            pin_threads=args.pin_threads, io_threads_off_cores=args.io_threads_off_cores)).to_dict()
     s, raw = doc["summary"], doc["raw"]
     busy = [sum(c for c, i in zip(raw["compute_ns"], raw["instance"]) if i == iid) / s["window_ns"]
             for iid in sorted(set(raw["instance"]))]
@@ -94,6 +94,9 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=2, help="numabench: requests outstanding per instance")
     ap.add_argument("--omp-runtime", choices=["gnu", "intel"], default="gnu", help="both sides")
     ap.add_argument("--no-pin-threads", dest="pin_threads", action="store_false", help="both sides")
+    ap.add_argument("--io-threads-on-worker-cpus", dest="io_threads_off_cores", action="store_false",
+                    help="numabench: keep each worker's ZeroMQ threads on its own CPUs (default: on a "
+                         "CPU the plan leaves free, when there is one)")
     ap.add_argument("--batch", type=int, default=2, help="per instance")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--model", default="bert-base-cased")
@@ -127,6 +130,7 @@ def main() -> int:
     figures = {"model": args.model, "instances": args.instances, "batch_per_instance": args.batch,
                "cpus_per_instance": len(first.cpus), "seq": args.seq, "iterations": args.iterations,
                "binder": binder.name, "inflight": args.inflight, **threading.record(),
+               "io_threads_off_cores": args.io_threads_off_cores,
                "bare": bare, "numabench": nb, "ratios": ratios,
                "ratio_of_medians": statistics.median(nb) / statistics.median(bare),
                "ratio": ratio, "goal": GOAL, "met": ratio >= GOAL,

@@ -342,10 +342,19 @@ def test_coordinator_placement_is_recorded_and_restored(tmp_path):
     where = doc["environment"]["coordinator"]
     assert where["pinned"] is True and USABLE[0] not in where["cpus"] and where["cpus"]
     assert "coordinator pinned to CPUs" in (tmp_path / "one" / "launch.log").read_text()
+    # The worker's ZeroMQ threads went there too; its own CPUs are still the plan's.
+    assert doc["environment"]["worker_io_cpus"] == {"0": where["cpus"]}
+    got = doc["instances"]["0"]["got"]
+    assert got["io_threads"] == {"cpus": where["cpus"], "error": None} and got["affinity"] == [USABLE[0]]
+    kept = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "kept", progress=False,
+                                                            io_threads_off_cores=False)).to_dict()
+    assert kept["environment"]["worker_io_cpus"] == {}
+    assert kept["instances"]["0"]["got"]["io_threads"]["cpus"] is None
     assert os.sched_getaffinity(0) == before  # given back after the run
     every = plan_for_launch(machine, instances=len(USABLE), batch=len(USABLE))
     doc = run_launch(machine, every, workload, LaunchOptions(run_dir=tmp_path / "all", progress=False)).to_dict()
     assert doc["environment"]["coordinator"]["shares_cpus_with_workers"] is True
+    assert doc["environment"]["worker_io_cpus"] == {}  # no free CPU: they stay with the workers
     assert any("every usable CPU runs a worker" in w for w in doc["warnings"])
     assert os.sched_getaffinity(0) == before
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from numabench.launcher.placement import coordinator_placement, pin_threads
+from numabench.launcher.placement import coordinator_placement, io_thread_cpus, pin_threads
 from numabench.topology.model import Core, Machine, Node, Package
 
 
@@ -35,6 +35,20 @@ def test_every_cpu_given_to_workers_is_said_and_not_pinned():
     p = coordinator_placement(machine([(0,), (1,)]), [0, 1])
     assert p.shares_cpus_with_workers and p.record()["pinned"] is False
     assert "every usable CPU runs a worker" in p.warning
+
+
+def test_io_threads_go_to_the_coordinators_cpus_on_the_instances_node():
+    cpus = tuple(range(8))
+    m = Machine(cpus_online=cpus, cpus_usable=cpus, packages=(Package(0, 0, cpus, (0, 1)),),
+                nodes=(Node(0, cpus[:4], None), Node(1, cpus[4:], None)),
+                cores=tuple(Core((c,), 0, 0 if c < 4 else 1) for c in cpus), nodes_usable=(0, 1))
+    where = coordinator_placement(m, [0, 1, 2, 4, 5])  # free: 3 on node 0; 6, 7 on node 1
+    assert where.cpus == (3, 6, 7)
+    assert io_thread_cpus(m, where, [0, 1]) == (3,)
+    assert io_thread_cpus(m, where, [4]) == (6, 7)
+    assert io_thread_cpus(m, coordinator_placement(m, [0, 1, 2, 3]), [0]) == (4, 5, 6, 7)  # none near
+    every = coordinator_placement(m, cpus)
+    assert io_thread_cpus(m, every, [0]) is None  # no free CPU: they stay with the worker
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable CPUs")

@@ -173,3 +173,59 @@ def test_encode_result_matches_encode(req, output):
 def test_decode_turns_every_malformed_header_into_a_protocol_error(raw):
     with pytest.raises(p.ProtocolError):
         p.decode([raw] + ([b"\0" * 8] if b'"name"' in raw else []))
+
+
+def test_request_decoder_gives_what_decode_gives():
+    """The worker's decoder reuses a checked header when only "req" differs, and only then."""
+    import numpy as np
+
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    other = np.arange(8, dtype=np.int32).reshape(2, 4)
+    t = p.RequestTemplate(p.RUN, {"want": "shape", "seq": 4}, p.prepare_arrays({"input_ids": ids}))
+    t2 = p.RequestTemplate(p.RUN, {"want": "shape", "seq": 4}, p.prepare_arrays({"input_ids": other}))
+    d = p.RequestDecoder()
+    stream = [t.encode(1), t.encode(2), t.encode(0), t2.encode(3), t2.encode(40), t.encode(5),
+              p.encode(p.RUN, {"req": "x"}, {"input_ids": ids}), t.encode(6),
+              p.encode(p.STOP), t.encode(7)]
+    for frames in stream:
+        head, arrays = d.decode(frames)
+        ref, ref_arrays = p.decode(frames)
+        assert head == ref and type(head.get("req")) is type(ref.get("req"))
+        assert arrays.keys() == ref_arrays.keys()
+        for k in arrays:
+            assert arrays[k].dtype == ref_arrays[k].dtype and (arrays[k] == ref_arrays[k]).all()
+    raw = t.encode(7)[0]
+    assert d._prefix == raw[:raw.rfind(b',"req":')]  # the template's header is the cached one
+    # A cached header does not vouch for its frames: a frame of another size is refused.
+    with pytest.raises(p.ProtocolError, match="needs 96"):
+        d.decode([t.encode(8)[0], b"\0" * 8])
+    with pytest.raises(p.ProtocolError, match="arrays"):
+        d.decode([t.encode(9)[0]])  # the frame missing altogether
+
+
+@pytest.mark.parametrize("tail", [b'"007"}', b'007}', b'-3}', b'1.5}', b'1e3}', b'9' * 30 + b'}',
+                                  b'1,"req":2}', b'1 }'])
+def test_request_decoder_decodes_any_other_req_in_full(tail):
+    import numpy as np
+
+    ids = np.zeros((1, 2), dtype=np.int64)
+    t = p.RequestTemplate(p.RUN, {"want": "shape"}, p.prepare_arrays({"input_ids": ids}))
+    d = p.RequestDecoder()
+    d.decode(t.encode(1))  # cached
+    frames = [t.encode(1)[0][:-2] + tail, *t.frames]
+    try:
+        ref = p.decode(frames)[0]
+    except p.ProtocolError:
+        with pytest.raises(p.ProtocolError):
+            d.decode(frames)
+        return
+    assert d.decode(frames)[0] == ref
+
+
+def test_request_decoder_does_not_cache_a_header_holding_req_twice():
+    raw = b'{"req":1,"type":"RUN","v":1,"arrays":[],"req":2}'
+    d = p.RequestDecoder()
+    assert d.decode([raw])[0]["req"] == 2
+    # Same prefix, so a cached prefix would yield req 3 and keep the first "req": 1 out.
+    again = raw[:-2] + b"3}"
+    assert d.decode([again])[0] == p.decode([again])[0]

@@ -191,6 +191,54 @@ def test_pin_self_sets_affinity(coord):
     assert proc.wait(10) == 0
 
 
+def _thread_cpus(pid: int) -> dict[str, list[int]]:
+    """{thread name: CPUs it may use} of a live process, read from /proc (names repeat: last wins)."""
+    from numabench.topology.cpulist import parse_cpulist
+
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            name = f.read().strip()
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+        out[name if tid != str(pid) else "main"] = list(parse_cpulist(line.split(":", 1)[1]))
+    return out
+
+
+@pytest.mark.skipif(FIRST_CPU == LAST_CPU, reason="needs 2 usable CPUs")
+def test_zeromq_threads_move_to_io_cpus_and_requests_still_flow(coord):
+    proc = coord.start(0, cpus=[FIRST_CPU], pin_self=True, io_cpus=[LAST_CPU])
+    _, ready = _hello_ready(coord, 0)
+    # The instance's own CPUs are reported without ZeroMQ's threads; where those went, apart.
+    assert ready["affinity"] == [FIRST_CPU] and ready["thread_cpus"] == [[FIRST_CPU]]
+    assert ready["io_threads"] == {"cpus": [LAST_CPU], "error": None}
+    seen = _thread_cpus(proc.pid)
+    assert seen["main"] == [FIRST_CPU]
+    zmq_threads = {k: v for k, v in seen.items() if k.startswith("ZMQbg")}
+    assert zmq_threads and all(v == [LAST_CPU] for v in zmq_threads.values()), seen
+    for req in range(3):
+        coord.send(0, p.RUN, {"req": req, "want": "outputs"}, {"input_ids": _ids(seed=req)})
+        res, arrays = coord.recv_from(0)
+        assert res["req"] == req and np.array_equal(arrays["output"], _ids(seed=req).astype(np.float32))
+    coord.send(0, p.STOP)
+    coord.recv_from(0)
+    assert proc.wait(10) == 0
+
+
+def test_zeromq_threads_stay_without_io_cpus_and_a_refused_move_is_reported(coord):
+    proc = coord.start(0, cpus=[FIRST_CPU], pin_self=True)
+    _, ready = _hello_ready(coord, 0)
+    assert ready["io_threads"] == {"cpus": None, "error": None}
+    assert all(v == [FIRST_CPU] for v in _thread_cpus(proc.pid).values())
+    # A CPU the kernel refuses (beyond any machine's) leaves them where they were, with the why.
+    proc = coord.start(1, cpus=[FIRST_CPU], pin_self=True, io_cpus=[100_000])
+    _, ready = _hello_ready(coord, 1)
+    assert ready["io_threads"]["cpus"] is None and "100000" in ready["io_threads"]["error"]
+    assert ready["affinity"] == [FIRST_CPU]
+    coord.send(1, p.RUN, {"req": 1}, {"input_ids": _ids()})
+    assert coord.recv_from(1)[0]["type"] == p.RESULT
+
+
 @pytest.mark.skipif(not _numactl_works("-C", str(FIRST_CPU), "-m", "0"),
                     reason="numactl missing or memory binding refused here")
 def test_numactl_memory_binding_is_reported(coord):

@@ -124,6 +124,37 @@ def test_fp32_is_deterministic_and_summary_has_no_frame(pool):
     assert res["output"]["shape"] == [1, 8, 32]
 
 
+def test_reused_input_buffers_give_each_request_its_own_outputs(pool):
+    """The backend copies ids into one buffer per shape and reuses an all-ones mask: outputs must
+    not depend on what ran before, in the same shape or another."""
+    coord, _, _ = pool
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 1000, size=(2, 16), dtype=np.int64) for _ in range(2))
+    small = rng.integers(0, 1000, size=(1, 8), dtype=np.int64)
+
+    def out(req, arrays):
+        res, got = _run(coord, 0, {"req": req, "want": "outputs"}, arrays)
+        assert res["type"] == p.RESULT, res
+        return got["output"]
+
+    first_a = out(1, {"input_ids": a})
+    first_b = out(2, {"input_ids": b})
+    first_small = out(3, {"input_ids": small})
+    assert not np.allclose(first_a, first_b)
+    assert np.array_equal(out(4, {"input_ids": a}), first_a)  # after b and another shape
+    assert np.array_equal(out(5, {"input_ids": small}), first_small)
+    assert np.array_equal(out(6, {"input_ids": b}), first_b)
+    # An explicit all-ones mask is the cached one; a padding mask is not overwritten by it.
+    assert np.array_equal(out(7, {"input_ids": a, "attention_mask": np.ones_like(a)}), first_a)
+    mask = np.ones_like(a)
+    mask[0, 10:] = 0
+    padded = out(8, {"input_ids": a, "attention_mask": mask})
+    assert not np.allclose(padded[0], first_a[0]) and np.allclose(padded[1], first_a[1], atol=1e-5)
+    assert np.array_equal(out(9, {"input_ids": a}), first_a)
+    # An int32 request (allowed on the wire) fills the int64 buffer the same way.
+    assert np.array_equal(out(10, {"input_ids": a.astype(np.int32)}), first_a)
+
+
 def test_failing_run_keeps_serving(pool):
     coord, _, _ = pool
     err, _ = _run(coord, 2, {"req": 1}, {"input_ids": np.full((1, 4), 5000, dtype=np.int64)})

@@ -172,6 +172,9 @@ def test_config_defaults_and_full():
     ({"threads": -1}, "threads"),  # 0 is allowed: the framework's own default (oob baseline)
     ({"cpus": []}, "cpus"),
     ({"cpus": [0, -1]}, "cpus"),
+    ({"io_cpus": []}, "io_cpus"),
+    ({"io_cpus": [1, "2"]}, "io_cpus"),
+    ({"io_cpus": 3}, "io_cpus"),
     ({"pin_self": True}, "pin_self needs cpus"),
     ({"pin_self": "yes"}, "pin_self"),
     ({"warmup": {"shapes": [[8]]}}, "warmup.shapes"),
@@ -237,5 +240,9 @@ def test_worker_config_round_trips_through_json():
     cfg = spawn.worker_config(inst, endpoint="ipc:///tmp/x", model="bert-tiny", backend="noop",
                               precision="fp32", seed=10, pin_self=True, timeout_s=5.0,
                               warmup_shapes=[(4, 32)], warmup_iterations=2, options={"compute_ns": 1})
-    assert cfg.seed == 13 and cfg.cpus == (4, 5) and cfg.threads == 2
+    assert cfg.seed == 13 and cfg.cpus == (4, 5) and cfg.threads == 2 and cfg.io_cpus is None
     assert worker.WorkerConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    cfg = spawn.worker_config(inst, endpoint="ipc:///tmp/x", model="bert-tiny", backend="noop",
+                              precision="fp32", seed=10, pin_self=True, timeout_s=5.0,
+                              warmup_shapes=[(4, 32)], warmup_iterations=2, io_cpus=(7, 6))
+    assert worker.WorkerConfig.from_dict(json.loads(cfg.to_json())).io_cpus == (6, 7)

@@ -19,6 +19,7 @@ from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.workers import protocol
 
 POLL_SLICE_MS = 50
+RCVMORE, SNDMORE = zmq.RCVMORE, zmq.SNDMORE
 
 
 class WorkerFailed(LaunchError):
@@ -46,6 +47,9 @@ class Coordinator:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if handover:
                 self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            # recv() blocks at most one slice, then checks the workers are alive: one call per
+            # message instead of poll + receive (the daemon polls this socket itself: unaffected).
+            self.sock.setsockopt(zmq.RCVTIMEO, POLL_SLICE_MS)
             if transport == "ipc":
                 # A private folder (0700) so no other user can connect to the socket.
                 self._tmp = (tempfile.mkdtemp(prefix="c", dir=ipc_dir) if ipc_dir
@@ -89,9 +93,15 @@ class Coordinator:
 
     def send_frames(self, instance: int, frames: list[Any]) -> None:
         """Send an already encoded message (e.g. from a protocol.RequestTemplate)."""
+        sock = self.sock
         try:
+            # Part by part rather than send_multipart (its checks cost more than the sends);
             # copy=True: for the small frames of a shard, copying beats zero-copy bookkeeping.
-            self.sock.send_multipart([self._identity(instance)] + frames)
+            # With ROUTER_MANDATORY an unroutable identity fails on the first part, nothing sent.
+            sock.send(self._identity(instance), SNDMORE)
+            for frame in frames[:-1]:
+                sock.send(frame, SNDMORE)
+            sock.send(frames[-1])
         except zmq.ZMQError as e:
             # Usually the worker has just died: name how, with its log, rather than the socket error.
             proc = self.group.procs.get(instance)
@@ -115,24 +125,33 @@ class Coordinator:
         """Next message from any worker. Raises WorkerFailed when a watched worker exits or
         sends a fatal ERROR, and LaunchError on timeout."""
         deadline = time.monotonic() + timeout_s
+        sock, more = self.sock, self.sock.get
         while True:
             now = time.monotonic()
             # Reaping checks cost a syscall per worker: once per poll slice is prompt enough.
             if now - self._last_alive_check >= POLL_SLICE_MS / 1000:
                 self._check_alive(watching)
                 self._last_alive_check = now
-            left = deadline - now
-            if left <= 0:
+            if now >= deadline:
                 raise LaunchError(f"timed out after {timeout_s:.0f} s waiting for {what}; "
                                   f"see the instance logs in {self.group.run_dir}")
-            if self.poller.poll(min(POLL_SLICE_MS, max(int(left * 1000), 1))):
-                frames = self.sock.recv_multipart(copy=False)
-                instance = int(bytes(frames[0].buffer).decode())
-                header, arrays = protocol.decode(frames[1:])
-                if header["type"] == protocol.ERROR and header.get("fatal", True):
-                    raise WorkerFailed(instance, self._failure_text(
-                        instance, f"reported: {header.get('message', 'unknown error')}"))
-                return instance, header, arrays
+            try:
+                ident = sock.recv()  # waits at most POLL_SLICE_MS (RCVTIMEO)
+            except zmq.Again:
+                continue
+            # The rest of a message is there once its first part is: these do not wait. The
+            # header as bytes (no Frame object), array frames zero-copy.
+            if not more(RCVMORE):
+                continue  # an identity without a message: nothing a worker sends
+            frames = [sock.recv()]
+            while more(RCVMORE):
+                frames.append(sock.recv(copy=False))
+            instance = int(ident)
+            header, arrays = protocol.decode(frames)
+            if header["type"] == protocol.ERROR and header.get("fatal", True):
+                raise WorkerFailed(instance, self._failure_text(
+                    instance, f"reported: {header.get('message', 'unknown error')}"))
+            return instance, header, arrays
 
     def _check_alive(self, watching: frozenset[int] | None) -> None:
         for e in self.group.exited():

@@ -216,7 +216,14 @@ class _Run:
         binder, preload, governors = self.binder, self.preload, self.governors
         w = self.workload
         applied_env: dict[int, dict[str, str]] = {}
+        io_moved: dict[str, list[int]] = {}
+        where = placement.coordinator_placement(self.machine, self.plan.cpus)
         for inst in self.plan.instances:
+            # unbound instances (--binder none, the oob baseline) get no placement at all
+            io_cpus = (placement.io_thread_cpus(self.machine, where, inst.cpus)
+                       if self.opts.io_threads_off_cores and binder.binds_cpus else None)
+            if io_cpus is not None:
+                io_moved[str(inst.id)] = list(io_cpus)
             cfg = spawn.worker_config(
                 inst, endpoint=coord.endpoint, model=w.model, backend=w.backend,
                 precision=w.precision, seed=w.seed, pin_self=binder.name == "self",
@@ -225,7 +232,8 @@ class _Run:
                 warmup_shapes=[(inst.batch, w.seq)], warmup_iterations=w.warmup,
                 options={**w.backend_options,
                          **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {}),
-                         **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})})
+                         **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})},
+                io_cpus=io_cpus)
             self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
             started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading,
                                            set_threads=not self.opts.framework_defaults)
@@ -242,6 +250,8 @@ class _Run:
             "variables_set": {str(k): v for k, v in applied_env.items()},
             "transport": self.opts.transport, "governors": governors,
             "inflight": self.opts.inflight if w.mode == "throughput" else 1,
+            # instance -> the CPUs its ZeroMQ threads were sent to (absent: its own CPUs)
+            "worker_io_cpus": io_moved,
             **self.threading.record(),
             "python": platform.python_version(), "numabench": __version__,
             "hostname": socket.gethostname(), "kernel": platform.release(),
@@ -287,6 +297,9 @@ class _Run:
             elif got is not None and sorted(got) != sorted(inst.cpus):
                 self.warnings.append(f"instance {inst.id} runs on CPUs {got}, the plan asked for "
                                      f"{list(inst.cpus)}")
+            io_error = (self.ready[inst.id].get("io_threads") or {}).get("error")
+            if io_error:
+                self.warnings.append(f"instance {inst.id}: {io_error}; they share its CPUs")
             if not self.opts.framework_defaults and self.ready[inst.id].get("threads") not in (None, inst.threads):
                 self.warnings.append(f"instance {inst.id} runs {self.ready[inst.id]['threads']} "
                                      f"threads, the plan asked for {inst.threads}")

@@ -70,3 +70,6 @@ class LaunchOptions:
     # The out-of-the-box baseline: no binding (as --binder none) and no thread settings at all
     # (no OMP/MKL variables, no set_num_threads): the framework's own defaults, recorded as got.
     framework_defaults: bool = False
+    # Each worker's ZeroMQ threads on the coordinator's CPUs when the plan leaves any free
+    # (off the compute cores); False keeps them on the instance's CPUs.
+    io_threads_off_cores: bool = True

@@ -48,6 +48,23 @@ def coordinator_placement(machine: Machine, worker_cpus: Iterable[int]) -> Coord
         f"the coordinator runs on CPU(s) {free}, SMT siblings of workers' CPUs: it shares their cores")
 
 
+def io_thread_cpus(machine: Machine, where: CoordinatorPlacement,
+                   instance_cpus: Iterable[int]) -> tuple[int, ...] | None:
+    """Where an instance's ZeroMQ threads go: the coordinator's CPUs on the instance's NUMA
+    node(s), else all of the coordinator's; None (stay on the instance's CPUs) when the
+    coordinator has no CPU of its own. They wake for every message, like the coordinator."""
+    if where.shares_cpus_with_workers:
+        return None
+    nodes = {_node_of(machine, c) for c in instance_cpus}
+    near = tuple(c for c in where.cpus if _node_of(machine, c) in nodes)
+    return near or where.cpus
+
+
+def _node_of(machine: Machine, cpu: int) -> int | None:
+    core = machine.core_of(cpu)
+    return core.node if core is not None else None
+
+
 def _core_cpus(machine: Machine, cpu: int) -> tuple[int, ...]:
     core = machine.core_of(cpu)
     return core.cpus if core is not None else (cpu,)

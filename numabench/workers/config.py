@@ -40,6 +40,9 @@ class WorkerConfig:
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     timeout_s: float = 600.0
+    # CPUs for ZeroMQ's background threads (None: the worker's own). Every message wakes them;
+    # on a CPU the plan leaves free they no longer preempt the compute thread.
+    io_cpus: tuple[int, ...] | None = None
 
     @classmethod
     def from_dict(cls, raw: Any) -> WorkerConfig:
@@ -74,6 +77,11 @@ class WorkerConfig:
             if not isinstance(cpus, list) or not cpus or not all(_is_int(c) and c >= 0 for c in cpus):
                 raise ConfigError(f"cpus must be a non-empty list of CPU numbers or null, got {cpus!r}")
             cpus = tuple(sorted(set(cpus)))
+        io_cpus = raw.get("io_cpus")
+        if io_cpus is not None:
+            if not isinstance(io_cpus, list) or not io_cpus or not all(_is_int(c) and c >= 0 for c in io_cpus):
+                raise ConfigError(f"io_cpus must be a non-empty list of CPU numbers or null, got {io_cpus!r}")
+            io_cpus = tuple(sorted(set(io_cpus)))
         pin_self = raw.get("pin_self", False)
         if not isinstance(pin_self, bool):
             raise ConfigError(f"pin_self must be true or false, got {pin_self!r}")
@@ -87,7 +95,7 @@ class WorkerConfig:
             precision=precision, threads=_int(raw, "threads", minimum=0, default=1), cpus=cpus,
             pin_self=pin_self, warmup=_warmup(raw.get("warmup")),
             seed=_int(raw, "seed", minimum=0, default=0), options=dict(options),
-            timeout_s=float(timeout_s))
+            timeout_s=float(timeout_s), io_cpus=io_cpus)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object `from_dict` reads back (round-trips)."""
@@ -98,6 +106,7 @@ class WorkerConfig:
             "warmup": {"shapes": [list(s) for s in self.warmup.shapes],
                        "iterations": self.warmup.iterations},
             "seed": self.seed, "options": dict(self.options), "timeout_s": self.timeout_s,
+            "io_cpus": list(self.io_cpus) if self.io_cpus is not None else None,
         }
 
     def to_json(self) -> str:

@@ -127,6 +127,60 @@ class RequestTemplate:
         return [b"%s%d}" % (self._prefix, req), *self.frames]
 
 
+class RequestDecoder:
+    """`decode` for a stream of messages that mostly differ only in a trailing "req" (what a
+    RequestTemplate sends): a header whose bytes before `,"req":N}` equal the last fully decoded
+    one's reuses its parsed, checked fields and array specs; only the array frames' sizes are
+    checked again. Anything else is decoded in full, so the result is always what `decode` gives."""
+
+    def __init__(self, types: frozenset[str] = MESSAGE_TYPES):
+        self.types = types
+        self._prefix: bytes | None = None
+        self._head: dict[str, Any] = {}
+        self._arrays: tuple[tuple[str, np.dtype, tuple[int, ...], int], ...] = ()
+
+    def decode(self, frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        if not frames:
+            raise ProtocolError("empty message")
+        first = frames[0]
+        raw = first if type(first) is bytes else bytes(first.buffer if hasattr(first, "buffer") else first)
+        cut = raw.rfind(b',"req":')
+        req = raw[cut + 7:-1]
+        # A JSON integer: digits without a leading zero (bytes.isdigit is ASCII only).
+        if (cut > 0 and raw[:cut] == self._prefix and raw.endswith(b"}") and len(req) <= 20 and req.isdigit()
+                and (req[:1] != b"0" or req == b"0") and len(frames) == len(self._arrays) + 1):
+            arrays: dict[str, np.ndarray] = {}
+            for (name, dt, shape, nbytes), frame in zip(self._arrays, frames[1:]):
+                buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+                if buf.nbytes != nbytes:
+                    raise ProtocolError(f"array {name!r}: frame has {buf.nbytes} bytes, shape "
+                                        f"{list(shape)} of {dt.name} needs {nbytes}")
+                arrays[name] = np.frombuffer(buf.cast("B") if buf.format != "B" else buf,
+                                             dtype=dt).reshape(shape)
+            head = self._head.copy()
+            head["req"] = int(req)
+            return head, arrays
+        head, arrays = decode(frames, self.types)
+        self._remember(raw, cut, head, arrays)
+        return head, arrays
+
+    def _remember(self, raw: bytes, cut: int, head: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Cache `head` when its bytes are a req-less header plus `,"req":N}` (checked by parsing
+        the prefix alone: a "req" repeated inside it, or any other shape, is not cached)."""
+        self._prefix = None
+        if cut <= 0 or type(head.get("req")) is not int or not raw.endswith(b"}"):
+            return
+        try:
+            rest = json.loads(raw[:cut] + b"}")
+        except ValueError:
+            return
+        if not isinstance(rest, dict) or "req" in rest or rest != {k: v for k, v in head.items() if k != "req"}:
+            return
+        self._head = rest
+        self._arrays = tuple((name, a.dtype, a.shape, a.nbytes) for name, a in arrays.items())
+        self._prefix = raw[:cut]
+
+
 def encode_result(req: Any, compute_ns: int, start_ns: int, end_ns: int, output: dict[str, Any]
                   ) -> list[Any]:
     """A RESULT without array frames, formatted directly: the same JSON as `encode` gives for

@@ -6,7 +6,6 @@ inter-op to 1 (one request at a time; extra pools would only compete for the sam
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +14,8 @@ import numpy as np
 
 from numabench.workers import models
 from numabench.workers.backends import Backend, check_options
+
+MAX_CACHED_SHAPES = 32
 
 
 class PyTorchBackend(Backend):
@@ -27,6 +28,9 @@ class PyTorchBackend(Backend):
         self.parameters = 0
         self._torch: Any = None
         self.weights_path: str | None = None
+        self._modes: tuple[Any, ...] = ()
+        self._held: tuple[Any, ...] = ()
+        self._shape_buffers: dict[tuple[int, ...], tuple[Any, np.ndarray, Any]] = {}
 
     def load(self, spec: Any, precision: str, threads: int, options: Mapping[str, Any],
              seed: int = 0) -> None:
@@ -61,23 +65,50 @@ class PyTorchBackend(Backend):
                 model = torch.ao.quantization.quantize_dynamic(
                     model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         self.model, self.precision, self.spec = model, precision, spec
+        # Made once and entered around each call (each can be re-entered, one call at a time).
+        self._modes = (torch.inference_mode(),) + (
+            (torch.autocast("cpu", dtype=torch.bfloat16),) if precision == "bf16" else ())
 
-    def _context(self):
-        torch = self._torch
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.precision == "bf16":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        return stack
+    def hold_modes(self) -> None:
+        """Enter inference mode (and bf16 autocast) on the calling thread for the rest of its life,
+        as a bare loop does around its loop: entering them around each call instead made
+        bert-tiny's forward pass 1-2% slower in a loop on the 2-vCPU dev VM. For a worker's main
+        thread only (the process exists to serve); `run` then calls the model directly."""
+        for mode in self._modes:
+            mode.__enter__()
+        # Kept: inference mode's guard object restores the previous mode when it is freed.
+        self._held, self._modes = self._modes, ()
+
+    def _buffers(self, shape: tuple[int, ...]) -> tuple[Any, np.ndarray, Any]:
+        """(ids tensor, its numpy view, an all-ones mask) for one input shape, made on first use.
+
+        A request's ids are copied into the buffer of their shape (ZeroMQ's frames are read-only
+        and torch wants writable memory): no tensor is made per request. A bounded cache, as the
+        daemon's batches come in many shapes."""
+        bufs = self._shape_buffers.get(shape)
+        if bufs is None:
+            torch = self._torch
+            if len(self._shape_buffers) >= MAX_CACHED_SHAPES:
+                self._shape_buffers.clear()
+            ids = torch.empty(shape, dtype=torch.int64)
+            bufs = self._shape_buffers[shape] = (ids, ids.numpy(), torch.ones(shape, dtype=torch.int64))
+        return bufs
 
     def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        torch = self._torch
-        # Frames from ZeroMQ are read-only; torch wants writable memory (a small copy of ids).
-        ids = torch.from_numpy(np.array(arrays["input_ids"], dtype=np.int64))
+        src = arrays["input_ids"]
+        ids, view, ones = self._buffers(src.shape)
+        view[...] = src
         mask = arrays.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.from_numpy(np.array(mask, dtype=np.int64))
-        with self._context():
+        mask = ones if mask is None else self._torch.from_numpy(np.array(mask, dtype=np.int64))
+        modes = self._modes
+        if not modes:  # held (hold_modes)
             out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        elif len(modes) == 1:
+            with modes[0]:
+                out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            with modes[0], modes[1]:
+                out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return out.float().numpy()
 
     def info(self) -> dict[str, Any]:
