@@ -1,6 +1,8 @@
-"""Shared test fixtures. Topology: the real-machine trees from ../shared, unpacked once."""
+"""Shared test fixtures. Topology: the real-machine trees from ../shared, unpacked once; one
+cache folder per session for the ONNX exports and weight files."""
 from __future__ import annotations
 
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -12,6 +14,23 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOPOLOGY_FIXTURES = SHARED / "fixtures" / "topology"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can import sysfs_tree
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """XDG_CACHE_HOME for the whole session: the ONNX cache ($XDG_CACHE_HOME/numabench/onnx) and
+    the weights cache are filled once per session (bert-tiny exported once, then hits), never
+    read from or left in the user's ~/.cache, and private to each xdist worker. Tests about the
+    cache itself still give their own folder (--cache-dir, monkeypatch.setenv)."""
+    old = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    mp = pytest.MonkeyPatch()
+    # matplotlib keeps its font cache there too: keep using the built one (a rebuild costs seconds).
+    if "MPLCONFIGDIR" not in os.environ and os.path.isdir(os.path.join(old, "matplotlib")):
+        mp.setenv("MPLCONFIGDIR", os.path.join(old, "matplotlib"))
+    mp.setenv("XDG_CACHE_HOME", str(folder))
+    yield folder
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ version: 1
 kind: core-scaling
 name: tiny
 model: bert-tiny
+backend: noop
 seq: [8, 16]
 batch: 2
 cores: auto
@@ -36,7 +37,8 @@ warmup: 1
 
 @TWO_CPUS
 def test_tiny_sweep_2x2_then_report(tmp_path):
-    """2 sequence lengths x 1, 2 cores on bert-tiny: four real launches, then the report."""
+    """2 sequence lengths x 1, 2 cores: four real launches, then the report. The noop backend:
+    the sweep and the report are the point here; a real framework's launch is tested in test_launch."""
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = tmp_path / "res"
     r = numabench("sweep", str(tmp_path / "tiny.yaml"), "-o", str(out))
@@ -44,7 +46,7 @@ def test_tiny_sweep_2x2_then_report(tmp_path):
     assert "sweep tiny (core-scaling): 4 points" in r.stderr
     assert "[4/4]" in r.stderr and "done 4/4" in r.stderr and "left" in r.stderr
     names = sorted(p.name for p in (out / "points").glob("*.json"))
-    assert names == sorted(f"bert-tiny_pytorch_fp32_s{s}_b2_{n}_r0.json"
+    assert names == sorted(f"bert-tiny_noop_fp32_s{s}_b2_{n}_r0.json"
                            for s in (8, 16) for n in ("n1x1", "n1x2"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema"] == "numabench.sweep" and manifest["status"] == "ok"
