@@ -29,8 +29,12 @@ demo: install
 	$(VENV)/bin/numabench topology
 	$(VENV)/bin/numabench launch --instances 2 --batch 2 --seq 128 --model bert-base-cased --iterations 20
 
+# One pytest-xdist worker per usable CPU; whole files per worker (--dist loadfile), so a module's
+# fixtures (a pool of workers, an ONNX export, a Ray cluster) start once. TEST_JOBS=0: no xdist.
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check numabench tests benchmarks

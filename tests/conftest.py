@@ -29,6 +29,9 @@ def session_cache(tmp_path_factory) -> Path:
     if "MPLCONFIGDIR" not in os.environ and os.path.isdir(os.path.join(old, "matplotlib")):
         mp.setenv("MPLCONFIGDIR", os.path.join(old, "matplotlib"))
     mp.setenv("XDG_CACHE_HOME", str(folder))
+    # A daemon started without its own runtime folder never meets the user's, or another xdist
+    # worker's (tests that start one still give their own).
+    mp.setenv("NUMABENCH_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
     yield folder
     mp.undo()
 

@@ -29,8 +29,8 @@ def _workers(pid: int) -> list[psutil.Process]:
             if "numabench.workers" in " ".join(c.cmdline())]
 
 
-def test_serve_workers_map_the_nodes_copy_and_stop_removes_it(tmp_path, shm_dir, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_serve_workers_map_the_nodes_copy_and_stop_removes_it(tmp_path, shm_dir):
+    # The session's weights cache (conftest): a hit after the first build, no torch in the daemon.
     args = ("--backend", "pytorch", "--instances", "1", "--weights-dir", str(shm_dir))
     (tmp_path / "a").mkdir()
     first = Daemon(tmp_path / "a", *args)
@@ -77,10 +77,9 @@ def test_no_share_weights_maps_nothing(tmp_path, shm_dir):
         d.close()
 
 
-def test_reload_to_another_node_writes_its_copy_and_removes_the_unused_one(tmp_path, shm_dir, monkeypatch):
+def test_reload_to_another_node_writes_its_copy_and_removes_the_unused_one(tmp_path, shm_dir):
     from test_serve import USABLE
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     plan = tmp_path / "plan.yaml"
     text = ("version: 1\nbatch: 1\ninstances:\n- {{id: 0, cpus: '{cpu}', memory_nodes: {nodes}, "
             "threads: 1, batch: 1}}\n")
