@@ -277,7 +277,7 @@ def test_unknown_model_is_fatal_exit_3(coord):
 
 
 def test_bad_config_exit_2_and_reported(coord):
-    proc = coord.start(4, threads=0)
+    proc = coord.start(4, threads=-1)  # 0 is valid: the framework default
     err, _ = coord.recv_from(4, 20)
     assert err["type"] == p.ERROR and err["fatal"] is True and "threads" in err["message"]
     assert proc.wait(10) == w.EXIT_CONFIG == 2
