@@ -314,7 +314,9 @@ def test_real_tune_on_noop_then_validate_and_report(tmp_path):
     assert rep.returncode == 0, rep.stderr
     assert (out / "report" / "points.csv").exists()
     rows = (out / "frontier.csv").read_text().splitlines()
-    assert rows[0].startswith("rank,candidate") and len(rows) == 1 + state["candidates"]
+    assert rows[0].startswith("rank,candidate") and len(rows) == 1 + len(state["results"])
+    # a busy machine may leave candidates unmeasured when the budget runs out: they are named
+    assert len(state["results"]) + len(state["unmeasured"]) == state["candidates"] and not state["failed"]
     for ext in ("png", "svg"):
         assert (out / f"frontier.{ext}").stat().st_size > 1000
     again = numabench("tune", "--model", "bert-tiny", "--backend", "noop", "--seq", "8", "-o", str(out))
