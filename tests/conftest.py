@@ -3,6 +3,7 @@ cache folder per session for the ONNX exports and weight files."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -80,5 +81,9 @@ def article_tree(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored in
+    # every program they exec: the Ctrl-C tests' launchers would never see it. Take it back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "ray: runs on a Ray test cluster (tests/test_cluster.py); "
                                        "skipped where Ray is not installed")
