@@ -7,7 +7,6 @@ error names the file, the line and the field just as a plan error does:
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import os
@@ -390,16 +389,7 @@ def parse_experiment(text: str, *, name: str = "<string>", default_name: str = "
 
 
 class _ExperimentReader(_DispatchReader):
-    def fail(self, path: str, message: str) -> ExperimentError:
-        return ExperimentError(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
-
-    def choice(self, node, path: str, choices: tuple[str, ...], what: str) -> str:
-        value = self.string(node, path)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise self.fail(path, f"unknown {what} {value!r}{hint}; choose one of {', '.join(choices)}")
-        return value
+    error = ExperimentError
 
     def axis(self, node, path: str, read, *, auto: bool = False):
         """One value or a list of values (each read by `read`); "auto" where allowed."""

@@ -21,7 +21,6 @@ experiments/compare.py's run-level test once that exists.
 from __future__ import annotations
 
 import datetime as _dt
-import difflib
 import itertools
 import json
 import math
@@ -844,16 +843,7 @@ SPEC_KEYS = ("version", "name", "description", "model", "seq", "batch", "batch_p
 class _TuneReader(YamlReader):
     """The plans' YAML node walker: every error names file, line and field."""
 
-    def fail(self, path: str, message: str) -> TuneError:
-        return TuneError(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
-
-    def choice(self, node, path: str, choices: Sequence[str], what: str) -> str:
-        value = self.string(node, path)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise self.fail(path, f"unknown {what} {value!r}{hint}; choose one of {', '.join(choices)}")
-        return value
+    error = TuneError
 
     def axis(self, node, path: str, read, auto: bool = False):
         return super().axis(node, path, read, auto=auto,

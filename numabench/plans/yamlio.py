@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -127,33 +128,14 @@ class YamlReader:
     Public: presets (plans.presets) and experiments (experiments.spec) read their documents with
     it; `document` reads the versioned head every numabench document starts with."""
 
+    error: type[PlanError] = PlanError  # what `fail` raises: each kind of document has its own
 
-    def axis(self, node, path: str, read, *, auto: bool = False,
-             empty: str = "an empty list gives nothing to run; give at least one value"):
-        """One value or a list of distinct values (each read by `read`), as a tuple; "auto"
-        where allowed. Experiments and tune specs read their axes with it."""
-        if auto and isinstance(node, yaml.ScalarNode) and node.value == "auto":
-            return "auto"
-        if isinstance(node, yaml.SequenceNode):
-            if not node.value:
-                raise self.fail(path, empty)
-            values = []
-            for k, item in enumerate(node.value):
-                self.lines[f"{path}[{k}]"] = item.start_mark.line + 1
-                value = read(item, f"{path}[{k}]")
-                if value in values:
-                    raise self.fail(f"{path}[{k}]", f"{value!r} is listed twice")
-                values.append(value)
-            return tuple(values)
-        if isinstance(node, yaml.MappingNode):
-            raise self.fail(path, f"expected a value or a list of values, got {describe_node(node)}")
-        return (read(node, path),)
     def __init__(self, name: str):
         self.name = name
         self.lines: dict[str, int] = {}
 
     def fail(self, path: str, message: str) -> PlanError:
-        return PlanError(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
+        return self.error(message, where=PlanSource(self.name, tuple(self.lines.items())).where(path))
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -187,6 +169,35 @@ class YamlReader:
                 raise self.fail(child, f"key {key!r} given twice")
             entries[key] = value_node
         return entries
+
+    def axis(self, node, path: str, read, *, auto: bool = False,
+             empty: str = "an empty list gives nothing to run; give at least one value"):
+        """One value or a list of distinct values (each read by `read`), as a tuple; "auto"
+        where allowed. Experiments and tune specs read their axes with it."""
+        if auto and isinstance(node, yaml.ScalarNode) and node.value == "auto":
+            return "auto"
+        if isinstance(node, yaml.SequenceNode):
+            if not node.value:
+                raise self.fail(path, empty)
+            values = []
+            for k, item in enumerate(node.value):
+                self.lines[f"{path}[{k}]"] = item.start_mark.line + 1
+                value = read(item, f"{path}[{k}]")
+                if value in values:
+                    raise self.fail(f"{path}[{k}]", f"{value!r} is listed twice")
+                values.append(value)
+            return tuple(values)
+        if isinstance(node, yaml.MappingNode):
+            raise self.fail(path, f"expected a value or a list of values, got {describe_node(node)}")
+        return (read(node, path),)
+
+    def choice(self, node, path: str, choices: Sequence[str], what: str) -> str:
+        value = self.string(node, path)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.fail(path, f"unknown {what} {value!r}{hint}; choose one of {', '.join(choices)}")
+        return value
 
     def scalar(self, node, path: str):
         if not isinstance(node, yaml.ScalarNode):
