@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cli_procs import descendants, start_cli, wait_for_line
 
 from numabench.results import load_result
 
@@ -22,27 +23,6 @@ NOOP = ("--backend", "noop", "--model", "bert-tiny", "--seq", "8")
 def cli(*args, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "numabench.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-def start(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "numabench.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for_line(path: Path, needle: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} never appeared in {path}")
-
-
-def children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def private_tmp(tmp_path: Path) -> dict[str, str]:
@@ -56,11 +36,11 @@ def private_tmp(tmp_path: Path) -> dict[str, str]:
 def test_launch_stopped_by_a_signal_saves_results_and_cleans_up(tmp_path, sig):
     run_dir = tmp_path / "run"
     env = private_tmp(tmp_path)
-    p = start("launch", "-n", "1", "-b", "1", *NOOP, "--compute-us", "1000", "--duration", "60",
+    p = start_cli("launch", "-n", "1", "-b", "1", *NOOP, "--compute-us", "1000", "--duration", "60",
               "--run-dir", str(run_dir), env=env)
     try:
         wait_for_line(run_dir / "launch.log", "measuring")
-        workers = children(p.pid)
+        workers = descendants(p.pid)
         assert workers
         p.send_signal(sig)
         _, err = p.communicate(timeout=30)
@@ -78,11 +58,11 @@ def test_launch_stopped_by_a_signal_saves_results_and_cleans_up(tmp_path, sig):
 
 def test_two_ctrl_c_within_milliseconds_exit_130_with_results(tmp_path):
     run_dir = tmp_path / "run"
-    p = start("launch", "-n", "1", "-b", "1", *NOOP, "--compute-us", "1000", "--duration", "60",
+    p = start_cli("launch", "-n", "1", "-b", "1", *NOOP, "--compute-us", "1000", "--duration", "60",
               "--run-dir", str(run_dir))
     try:
         wait_for_line(run_dir / "launch.log", "measuring")
-        workers = children(p.pid)
+        workers = descendants(p.pid)
         p.send_signal(signal.SIGINT)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
@@ -123,10 +103,10 @@ def test_an_unexpected_exception_is_never_saved_as_ok(tmp_path, monkeypatch):
     plan = plan_for_launch(machine, instances=1, batch=1)
     workload = launch.Workload(model="bert-tiny", backend="noop", seq=8, warmup=0)
     opts = launch.LaunchOptions(run_dir=tmp_path / "run", progress=False)
-    before = set(p.pid for p in children(os.getpid()))
+    before = set(p.pid for p in descendants(os.getpid()))
     with pytest.raises(LaunchError, match="unexpected error: ZeroDivisionError"):
         launch.run_launch(machine, plan, workload, opts)
-    assert not [p for p in children(os.getpid()) if p.pid not in before and p.is_running()
+    assert not [p for p in descendants(os.getpid()) if p.pid not in before and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]
     result = load_result(tmp_path / "run" / "results.json")
     assert result.status == "failed" and "ZeroDivisionError" in result.error
@@ -214,7 +194,7 @@ def test_sweep_stopped_by_sighup_finishes_its_manifest(tmp_path):
     exp.write_text(EXPERIMENT.format(name="hup").replace("iterations: 2", "duration: 60"))
     out = tmp_path / "out"
     env = private_tmp(tmp_path)
-    p = start("sweep", str(exp), "-o", str(out), env=env)
+    p = start_cli("sweep", str(exp), "-o", str(out), env=env)
     try:
         wait_for_line(out / "runs" / "bert-tiny_noop_fp32_s8_b1_n1_r0" / "launch.log", "measuring")
         p.send_signal(signal.SIGHUP)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cli_procs import descendants, start_cli, wait_for_line
 
 from numabench.results import RESULTS_SCHEMA, RESULTS_VERSION, samples_from_columns, summarize
 
@@ -23,28 +24,6 @@ TWO_CPUS = pytest.mark.skipif(len(USABLE) < 2, reason="needs at least 2 usable C
 def launch(*args, env=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "numabench.cli", "launch", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def start_launch(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "numabench.cli", "launch", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for_line(path: Path, needle: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} never appeared in {path}: "
-                         f"{path.read_text() if path.exists() else '(missing)'}")
-
-
-def workers_of(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def assert_all_gone(procs: list[psutil.Process], timeout: float = 10) -> None:
@@ -110,13 +89,13 @@ def test_throughput_mode_noop_reports_window_and_sum(tmp_path):
 @TWO_CPUS
 def test_kill_9_one_instance_fails_the_run_and_saves_partial_results(tmp_path):
     run_dir = tmp_path / "run"
-    p = start_launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
+    p = start_cli("launch", "--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
                      "--model", "bert-tiny", "--compute-us", "2000", "--duration", "60",
                      "--run-dir", str(run_dir))
     try:
         wait_for_line(run_dir / "launch.log", "measuring")
         time.sleep(0.3)
-        workers = workers_of(p.pid)
+        workers = descendants(p.pid)
         victim = next(w for w in workers if '"instance": 1' in " ".join(w.cmdline()))
         killed_at = time.monotonic()
         victim.send_signal(signal.SIGKILL)
@@ -137,12 +116,12 @@ def test_kill_9_one_instance_fails_the_run_and_saves_partial_results(tmp_path):
 @TWO_CPUS
 def test_sigint_stops_everything_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    p = start_launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
+    p = start_cli("launch", "--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
                      "--model", "bert-tiny", "--compute-us", "1000", "--duration", "60",
                      "--run-dir", str(run_dir))
     try:
         wait_for_line(run_dir / "launch.log", "measuring")
-        workers = workers_of(p.pid)
+        workers = descendants(p.pid)
         assert len(workers) >= 2
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
@@ -299,13 +278,13 @@ def test_throughput_mode_keeps_the_inflight_limit_and_times_queueing_apart(tmp_p
 @TWO_CPUS
 def test_a_killed_worker_with_queued_requests_is_named_and_its_requests_accounted(tmp_path):
     run_dir = tmp_path / "run"
-    p = start_launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
+    p = start_cli("launch", "--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop",
                      "--model", "bert-tiny", "--compute-us", "5000", "--duration", "60",
                      "--mode", "throughput", "--inflight", "3", "--run-dir", str(run_dir))
     try:
         wait_for_line(run_dir / "launch.log", "measuring (throughput mode, 3 in flight")
         time.sleep(0.3)
-        workers = workers_of(p.pid)
+        workers = descendants(p.pid)
         victim = next(w for w in workers if '"instance": 1' in " ".join(w.cmdline()))
         victim.send_signal(signal.SIGKILL)
         _, err = p.communicate(timeout=30)
