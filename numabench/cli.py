@@ -272,8 +272,16 @@ inflight_option = click.option(
          "next input waiting and computes back to back; 1 = one round trip between requests.")
 
 
+start_option = click.option(
+    "--start", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,
+    help="fork: workers are forked from one process per NUMA node that has imported the framework "
+         "(its pages shared, start-up in a fraction of a second); exec: each worker is a fresh "
+         "interpreter (docs/launch.md).")
+
+
 def threading_options(f):
     """Shared by launch and sweep: the OpenMP runtime and thread binding inside each instance."""
+    f = start_option(f)
     f = click.option("--pin-threads/--no-pin-threads", default=True, show_default=True,
                      help="Bind each OpenMP (or ONNX Runtime) thread to its own CPU of the instance "
                           "(OMP_PROC_BIND/OMP_PLACES, KMP_AFFINITY); variables you set are kept.")(f)
@@ -378,7 +386,7 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
                run_dir, output, as_json, cache_dir, ort_opt_level, share_weights, keep_weights,
-               weights_dir, ray_address, hosts, inflight, omp_runtime, pin_threads, dry_run, root):
+               weights_dir, ray_address, hosts, inflight, omp_runtime, pin_threads, start, dry_run, root):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -412,7 +420,7 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                               text_file=text_file, share_weights=share_weights, compute_us=compute_us,
                               cache_dir=cache_dir, ort_opt_level=ort_opt_level)
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport, inflight=inflight,
-                         omp_runtime=omp_runtime, pin_threads=pin_threads,
+                         omp_runtime=omp_runtime, pin_threads=pin_threads, start=start,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None, ready_timeout_s=ready_timeout,
                          request_timeout_s=request_timeout, repeat=repeat,
@@ -497,6 +505,7 @@ endpoint_option = click.option(
               help="noop backend: fixed compute time per request, in microseconds.")
 @binder_option
 @allocator_option
+@start_option
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="Folder for the instance logs (default runs/serve-<time>-<pid>).")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on 127.0.0.1:PORT (off by default).")
@@ -508,7 +517,7 @@ endpoint_option = click.option(
 def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, precision, share_weights,
               weights_dir, bind, allow_public_bind, queue_size, max_batch, max_wait_ms, inflight, pad,
               max_rows, max_request_mb, request_timeout, warmup, seed, compute_us, binder, allocator,
-              run_dir, metrics_port, ray_address, hosts, dry_run, root):
+              start, run_dir, metrics_port, ray_address, hosts, dry_run, root):
     """Keep the plan's instances warm and answer inference requests (until `numabench stop`).
 
     \b
@@ -542,7 +551,7 @@ def serve_cmd(plan_file, instances, cores_per_instance, smt, model, backend, pre
         queue_size=queue_size, max_batch=max_batch, max_wait_ms=max_wait_ms, inflight=inflight,
         max_rows=max_rows,
         max_request_bytes=int(max_request_mb * (1 << 20)), request_timeout_s=request_timeout,
-        binder=binder, allocator=allocator, run_dir=Path(run_dir) if run_dir else None,
+        binder=binder, allocator=allocator, start=start, run_dir=Path(run_dir) if run_dir else None,
         metrics_port=metrics_port)
     if ray_address:  # a daemon per cluster host behind one front end here (docs/cluster.md)
         from numabench.cluster.serve import run_cluster_serve
@@ -673,7 +682,7 @@ def client_cmd(endpoint, texts, seq, rows, vocab, outputs, as_json, timeout):
 @threading_options
 @user_errors
 def sweep_cmd(experiment, output, resume, dry_run, root, binder, allocator, ray_address, inflight,
-              omp_runtime, pin_threads):
+              omp_runtime, pin_threads, start):
     """Run every point of an EXPERIMENT (YAML), saving each point's results as it finishes.
 
     \b
@@ -692,7 +701,7 @@ def sweep_cmd(experiment, output, resume, dry_run, root, binder, allocator, ray_
         raise NumabenchError("--root and --ray both name the machine to check against; give one")
 
     launch_opts = LaunchOptions(binder=binder, allocator=allocator, inflight=inflight,
-                                omp_runtime=omp_runtime, pin_threads=pin_threads)
+                                omp_runtime=omp_runtime, pin_threads=pin_threads, start=start)
     if ray_address and not dry_run:  # each point runs on a whole cluster host (docs/cluster.md)
         from numabench.cluster.sweep import run_cluster_sweep
 

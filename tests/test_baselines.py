@@ -264,6 +264,5 @@ def test_serve_binder_none_leaves_its_workers_unbound(tmp_path, binder_name):
         got = sorted(psutil.Process(inst["pid"]).cpu_affinity())
         assert got == (USABLE if binder_name == "none" else sorted(inst["cpus"]))
         assert len(inst["cpus"]) == 1
-        assert "OMP_NUM_THREADS" in psutil.Process(inst["pid"]).environ()  # threads still set
     finally:
         d.close()

@@ -96,7 +96,7 @@ def test_kill_9_one_instance_fails_the_run_and_saves_partial_results(tmp_path):
         wait_for_line(run_dir / "launch.log", "measuring")
         time.sleep(0.3)
         workers = descendants(p.pid)
-        victim = next(w for w in workers if '"instance": 1' in " ".join(w.cmdline()))
+        victim = next(w for w in workers if w.name() == "numabench-w1")
         killed_at = time.monotonic()
         victim.send_signal(signal.SIGKILL)
         _, err = p.communicate(timeout=30)
@@ -285,7 +285,7 @@ def test_a_killed_worker_with_queued_requests_is_named_and_its_requests_accounte
         wait_for_line(run_dir / "launch.log", "measuring (throughput mode, 3 in flight")
         time.sleep(0.3)
         workers = descendants(p.pid)
-        victim = next(w for w in workers if '"instance": 1' in " ".join(w.cmdline()))
+        victim = next(w for w in workers if w.name() == "numabench-w1")
         victim.send_signal(signal.SIGKILL)
         _, err = p.communicate(timeout=30)
     finally:
@@ -341,8 +341,9 @@ def test_coordinator_placement_is_recorded_and_restored(tmp_path):
 @TWO_CPUS
 def test_thread_binding_is_recorded_and_a_users_own_setting_kept(tmp_path):
     cpus = ",".join(str(c) for c in USABLE[:2])
+    # exec'd workers: the variables are theirs (forked ones bind themselves, test below)
     common = ("--cpus", cpus, "--batch", "1", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
-              "--iterations", "2")
+              "--iterations", "2", "--start", "exec")
     out = tmp_path / "bound.json"
     r = launch(*common, "--run-dir", str(tmp_path / "bound"), "-o", str(out))
     assert r.returncode == 0, r.stderr
@@ -369,6 +370,33 @@ def test_thread_binding_is_recorded_and_a_users_own_setting_kept(tmp_path):
     doc = json.loads((tmp_path / "free" / "results.json").read_text())
     assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
     assert doc["environment"]["pin_threads"] is False
+
+
+@TWO_CPUS
+def test_forked_workers_bind_their_own_threads_and_share_the_servers_pages(tmp_path):
+    # One PyTorch instance with 2 threads on 2 CPUs, forked: its OpenMP pool was configured
+    # when the server imported torch, so the worker binds main thread and pool thread itself.
+    cpus = ",".join(str(c) for c in USABLE[:2])
+    out = tmp_path / "r.json"
+    r = launch("--cpus", cpus, "--batch", "1", "--seq", "8", "--model", "bert-tiny", "--iterations", "3",
+               "--run-dir", str(tmp_path / "run"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    start = doc["environment"]["start"]
+    assert start["method"] == "fork" and start["why_exec"] is None and len(start["servers"]) == 1
+    server = start["servers"][0]
+    assert server["import_s"] > 0 and server["memory"]["measured"]["pss"] > 0
+    got = doc["instances"]["0"]["got"]
+    assert got["threads"] == 2
+    assert got["thread_pinning"]["error"] is None
+    assert sorted(got["thread_pinning"]["pinned"].values()) == USABLE[:2]
+    assert sorted(got["thread_cpus"][:1][0]) == [USABLE[0]]  # the main thread: the first CPU
+    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]  # nothing claimed unset
+    assert got["env"]["OMP_PLACES"] is None
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert f"forked by fork server {server['pid']}" in log
+    # the server shares its imported pages: the worker's private memory is a fraction of them
+    assert got["memory"]["measured"]["uss"] < server["memory"]["measured"]["anonymous"] / 2
 
 
 @TWO_CPUS

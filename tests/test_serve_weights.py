@@ -26,7 +26,7 @@ def shm_dir():
 
 def _workers(pid: int) -> list[psutil.Process]:
     return [c for c in psutil.Process(pid).children(recursive=True)
-            if "numabench.workers" in " ".join(c.cmdline())]
+            if c.name().startswith("numabench-w")]
 
 
 def test_serve_workers_map_the_nodes_copy_and_stop_removes_it(tmp_path, shm_dir):

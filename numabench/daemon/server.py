@@ -54,6 +54,7 @@ from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolic
 from numabench.errors import NumabenchError
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
+from numabench.launcher.forkserver import ForkServerError
 from numabench.launcher.options import Workload
 from numabench.launcher.procs import Exited, ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
@@ -105,6 +106,7 @@ class ServeOptions:
     max_restarts: int = 8
     binder: str = "auto"
     allocator: str = "default"
+    start: str = "fork"  # workers forked from a fork server per NUMA node (launcher/spawn.py)
     run_dir: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -188,6 +190,7 @@ class Daemon:
         self.client: zmq.Socket | None = None
         self.authenticator: Any = None
         self.worker_dir: Path | None = None
+        self.fork: spawn.ForkPlan | None = None  # None: exec'd workers
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -274,7 +277,16 @@ class Daemon:
         if self._spawn_cpus:
             os.sched_setaffinity(0, self._spawn_cpus)
         try:
-            started = spawn.start_instance(self.group, self.binder, plan, config, self.preload)
+            started = None
+            if self.fork is not None:
+                try:
+                    started = spawn.start_instance(self.group, self.binder, plan, config, self.preload,
+                                                   fork=self.fork)
+                except ForkServerError as e:
+                    log.warning("%s; workers are started as fresh processes instead", e)
+                    self.fork = None
+            if started is None:
+                started = spawn.start_instance(self.group, self.binder, plan, config, self.preload)
         finally:
             if self._spawn_cpus and self.loop_cpus:
                 os.sched_setaffinity(0, self.loop_cpus)
@@ -397,8 +409,16 @@ class Daemon:
         self.pools = {s.name: Pool(s) for s in self._pool_specs}
         self.sched.set_pools(self.pools)
         self.instances = self._build(self.plan, self._pool_specs)
+        users = sorted(v for v in binding.PLACEMENT_VARS if v in os.environ)
+        if o.start == "fork" and not users:
+            self.fork = spawn.ForkPlan.for_instances(self.plan.instances, o.workload.backend,
+                                                     o.workload.model, timeout_s=o.ready_timeout_s)
         for inst in self.instances.values():
             self._spawn(inst)
+        if self.fork is not None:
+            # Later (restarts, reloads) only servers that exist fork: starting one imports the
+            # framework for seconds, which the event loop must not wait for.
+            self.fork = dataclasses.replace(self.fork, new_servers=False)
         log.info("listening on %s; %d instances in %d pools (%s); logs in %s", endpoint,
                  len(self.instances), len(self.pools), ", ".join(self.pools), self.run_dir)
 

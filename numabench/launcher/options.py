@@ -73,3 +73,6 @@ class LaunchOptions:
     # Each worker's ZeroMQ threads on the coordinator's CPUs when the plan leaves any free
     # (off the compute cores); False keeps them on the instance's CPUs.
     io_threads_off_cores: bool = True
+    # fork: workers forked from a fork server per NUMA node that imported the framework once
+    # (shared runtime pages, fast start-up); exec: each worker a fresh interpreter.
+    start: str = "fork"

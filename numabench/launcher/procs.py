@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from numabench.launcher.forkserver import Forked, ForkServer
+
 HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # The launcher's pid, for a worker to tell a live parent from an adoptive one (init, a subreaper):
 # a worker started just after its launcher died would otherwise wait for requests forever.
@@ -40,8 +42,9 @@ class ProcessGroup:
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen | Forked] = {}
         self._logs: dict[int, object] = {}
+        self.servers: dict[tuple, ForkServer] = {}  # fork servers, stopped after their workers
 
     def log_path(self, instance: int) -> Path:
         return self.run_dir / f"instance-{instance}.log"
@@ -63,6 +66,23 @@ class ProcessGroup:
             proc = subprocess.Popen(argv, env={**env, PARENT_ENV: str(os.getpid())},
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+            self.procs[instance] = proc
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return proc
+
+    def start_forked(self, instance: int, server: ForkServer, config: dict, env: dict[str, str]) -> Forked:
+        """Have `server` fork the instance's worker (it writes run_dir/instance-<id>.log itself)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = self._logs.pop(instance, None)
+        if previous is not None:
+            previous.close()
+        with open(self.log_path(instance), "ab") as log:
+            log.write(f"$ forked by fork server {server.pid}\n".encode())
+        # As in start: the worker must be registered before a stop signal can be handled.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            proc = server.fork(instance, config, env, self.log_path(instance))
             self.procs[instance] = proc
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -131,6 +151,9 @@ class ProcessGroup:
                 pass
         for log in self._logs.values():
             log.close()
+        for server in self.servers.values():
+            server.close()
+        self.servers.clear()
 
     def wait_all(self, timeout_s: float) -> bool:
         """Wait for every worker to exit by itself; True when all did in time."""
@@ -149,7 +172,7 @@ class ProcessGroup:
         self.stop()
 
 
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
+def _signal_group(p: subprocess.Popen | Forked, sig: int) -> None:
     try:
         os.killpg(p.pid, sig)  # start_new_session made pid the group id
     except (ProcessLookupError, PermissionError):

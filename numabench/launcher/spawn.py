@@ -12,10 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from numabench.launcher import binding
+from dataclasses import replace
+
+from numabench.launcher import binding, forkserver
 from numabench.launcher.procs import ProcessGroup
 from numabench.plans.model import InstancePlan
 from numabench.workers.config import WarmupSpec, WorkerConfig
+
+START_METHODS = ("fork", "exec")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Started:
     argv: tuple[str, ...]
     variables_set: Mapping[str, str]
     warnings: tuple[str, ...]
+    forked_by: int | None = None  # the fork server's pid; None: exec'd
 
 
 def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str, precision: str,
@@ -45,16 +50,72 @@ def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str
         seed=seed + inst.id, options=dict(options or {}), timeout_s=timeout_s, io_cpus=io_cpus)
 
 
+@dataclass(frozen=True)
+class ForkPlan:
+    """Start workers from fork servers (workers/zygote.py): what the servers import, and the
+    CPUs each server binds to (the union over the instances it will fork, by memory nodes)."""
+
+    backend: str
+    model: str
+    cpus_by_nodes: Mapping[tuple[int, ...], tuple[int, ...]]
+    timeout_s: float = 300.0
+    new_servers: bool = True  # False: only servers already running fork; others are exec'd
+
+    @classmethod
+    def for_instances(cls, instances: Iterable[InstancePlan], backend: str, model: str,
+                      timeout_s: float = 300.0) -> ForkPlan:
+        by: dict[tuple[int, ...], set[int]] = {}
+        for inst in instances:
+            by.setdefault(tuple(sorted(inst.memory_nodes)), set()).update(inst.cpus)
+        return cls(backend, model, {k: tuple(sorted(v)) for k, v in by.items()}, timeout_s)
+
+
 def start_instance(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
                    config: WorkerConfig, preload: str | None = None,
                    base_env: Mapping[str, str] | None = None,
-                   threading: binding.Threading | None = None, set_threads: bool = True) -> Started:
+                   threading: binding.Threading | None = None, set_threads: bool = True,
+                   fork: ForkPlan | None = None) -> Started:
     """Bind and start one worker process in `group` (its log: the group's instance log).
     `threading`: OpenMP runtime and thread binding (None: thread counts only); `set_threads`
-    False: no thread variable at all (the out-of-the-box baseline)."""
+    False: no thread variable at all (the out-of-the-box baseline). `fork`: fork it from the
+    group's fork server for its memory nodes (started on first use); raises ForkServerError
+    when that server cannot start or fork, and the caller starts exec'd workers instead."""
     env, warnings, applied = binding.worker_env(dict(os.environ if base_env is None else base_env),
                                                 inst, preload, threading, set_threads=set_threads)
-    argv = binding.bind_prefix(binder, inst) + [
-        sys.executable, "-m", "numabench.workers", "--config", config.to_json()]
-    proc = group.start(inst.id, argv, env)
-    return Started(inst.id, proc.pid, tuple(argv), applied, tuple(warnings))
+    if fork is None:
+        argv = binding.bind_prefix(binder, inst) + [
+            sys.executable, "-m", "numabench.workers", "--config", config.to_json()]
+        proc = group.start(inst.id, argv, env)
+        return Started(inst.id, proc.pid, tuple(argv), applied, tuple(warnings))
+    server = fork_server(group, binder, inst, env, fork)
+    if server is None:
+        return start_instance(group, binder, inst, config, preload, base_env, threading, set_threads)
+    # Its parent read OMP_PLACES/KMP_AFFINITY at import: the worker binds its own CPUs and
+    # threads; its memory policy it inherits from the server (numactl --membind).
+    placement = {v for v in binding.PLACEMENT_VARS if v in applied and v != "KMP_BLOCKTIME"}
+    # (ONNX Runtime binds its own threads, from the worker's options; noop has none.)
+    config = replace(config, pin_self=binder.binds_cpus,
+                     pin_threads=bool(placement) and binder.binds_cpus and config.backend == "pytorch")
+    env = {k: v for k, v in env.items() if k not in placement}
+    applied = {k: v for k, v in applied.items() if k not in placement}
+    proc = group.start_forked(inst.id, server, config.to_dict(), env)
+    return Started(inst.id, proc.pid, (), applied, tuple(warnings), forked_by=server.pid)
+
+
+def fork_server(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
+                env: Mapping[str, str], fork: ForkPlan) -> forkserver.ForkServer | None:
+    """The group's server for this instance's memory nodes and load-time environment (None:
+    there is none and the plan allows no new one)."""
+    nodes = tuple(sorted(inst.memory_nodes))
+    key = forkserver.server_key(nodes if binder.binds_memory else (), env)
+    server = group.servers.get(key)
+    if server is None and fork.new_servers:
+        group.run_dir.mkdir(parents=True, exist_ok=True)
+        cpus = (fork.cpus_by_nodes.get(nodes, inst.cpus) if binder.binds_memory
+                else tuple(sorted({c for cs in fork.cpus_by_nodes.values() for c in cs} | set(inst.cpus))))
+        where = replace(inst, id=-1, cpus=cpus)
+        argv = forkserver.server_argv(binding.bind_prefix(binder, where), fork.backend, fork.model)
+        log = group.run_dir / f"fork-server-{len(group.servers)}.log"
+        server = forkserver.ForkServer(argv, forkserver.server_env(env), log, fork.timeout_s)
+        group.servers[key] = server
+    return server

@@ -19,6 +19,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -62,6 +63,48 @@ def set_parent_death_signal() -> bool:
         return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def pin_framework_threads(new_tids: list[int], cpus: tuple[int, ...], threads: int,
+                          task_dir: str = "/proc/self/task") -> dict[str, Any]:
+    """Bind the calling (main) thread and the framework's compute threads to one CPU each, as
+    OMP_PROC_BIND=close with one place per CPU does for an exec'd worker.
+
+    The compute threads are the `threads - 1` of `new_tids` (started since the model began
+    loading) that ran longest: the framework starts other, idle ones too (an inter-op pool).
+    Only with one thread per CPU; otherwise, or when too few ran, the OS keeps placing them
+    within the instance's CPUs and `error` says why."""
+    record: dict[str, Any] = {"pinned": {}, "error": None}
+    ran = {}
+    for tid in new_tids:
+        try:
+            with open(os.path.join(task_dir, str(tid), "schedstat")) as f:
+                ran[tid] = int(f.read().split()[0])  # ns on a CPU
+        except (OSError, ValueError, IndexError):
+            continue
+    compute = sorted((t for t in ran if ran[t] > 0), key=lambda t: -ran[t])[:max(threads - 1, 0)]
+    if threads != len(cpus) or len(compute) != threads - 1:
+        record["error"] = (f"{len(compute)} framework threads computed for {threads} threads on "
+                           f"{len(cpus)} CPUs: not bound one per CPU")
+        return record
+    try:
+        for tid, cpu in zip([threading.get_native_id(), *sorted(compute)], cpus):
+            os.sched_setaffinity(tid, {cpu})
+            record["pinned"][str(tid)] = cpu
+    except OSError as e:
+        record["error"] = f"cannot bind threads to CPUs {list(cpus)}: {e}"
+    return record
+
+
+def set_process_name(name: str) -> None:
+    """The name `ps -o comm`, top and psutil show (15 bytes at most): `numabench-w3` says which
+    instance a process is, whether exec'd (otherwise "python") or forked (its server's name)."""
+    PR_SET_NAME = 15
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def read_mems_allowed(status_path: str = "/proc/self/status") -> list[int] | None:
@@ -214,6 +257,7 @@ class Worker:
         self.vocab_size = 1000
         self.max_positions: int | None = None
         self.io_threads: dict[str, Any] = {"tids": [], "cpus": None, "error": None}
+        self.thread_pinning: dict[str, Any] | None = None
 
     # -- lifecycle --
 
@@ -299,6 +343,7 @@ class Worker:
 
         cfg = self.config
         t0 = time.monotonic_ns()
+        before = set(task_ids())  # threads the framework starts from here on are its pool's
         self.spec = spec = models.resolve_model(cfg.model)
         self.backend = create_backend(cfg.backend)
         self.backend.load(spec, cfg.precision, cfg.threads, cfg.options, seed=cfg.seed)
@@ -325,6 +370,11 @@ class Worker:
             for _ in range(cfg.warmup.iterations):
                 self.backend.run({"input_ids": ids, "attention_mask": mask})
         warmup_ns = time.monotonic_ns() - t1
+        if cfg.pin_threads and cfg.cpus is not None:
+            self.thread_pinning = pin_framework_threads(sorted(set(task_ids()) - before), cfg.cpus,
+                                                        cfg.threads)
+            if self.thread_pinning["error"]:
+                log.warning("%s", self.thread_pinning["error"])
 
         # The process's CPUs are the union over its threads: an OpenMP runtime told to bind
         # (OMP_PLACES, KMP_AFFINITY) narrows the main thread to one CPU of the instance.
@@ -343,6 +393,9 @@ class Worker:
             # Where ZeroMQ's I/O threads run (cpus null: on the instance's CPUs, as asked or
             # because moving them was refused, then `error` says why).
             "io_threads": {"cpus": io["cpus"], "error": io["error"]},
+            # A forked worker binds its own threads (its parent read OMP_* long before):
+            # tid -> CPU, or why not.
+            "thread_pinning": self.thread_pinning,
             "mems_allowed": read_mems_allowed(),
             "mempolicy": read_mempolicy(),
             "threads": info.get("threads"),
@@ -489,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(raw, dict):
             _setup_logging(raw.get("instance", "?"))
         config = WorkerConfig.from_dict(raw)
+        set_process_name(f"numabench-w{config.instance}")
     except (OSError, ValueError, ConfigError) as e:
         log.error("bad worker config: %s", e)
         _report_config_error(raw, str(e))
