@@ -45,7 +45,8 @@ def one(machine, n: int, shared: bool, args) -> dict:
                         seq=args.seq, mode="throughput", iterations=iterations,
                         warmup=args.warmup, share_weights=shared)
     with tempfile.TemporaryDirectory() as tmp:
-        doc = run_launch(machine, plan, workload, LaunchOptions(run_dir=Path(tmp), progress=False)).to_dict()
+        doc = run_launch(machine, plan, workload,
+                         LaunchOptions(run_dir=Path(tmp), progress=False, start=args.start)).to_dict()
     got = [i["got"] for i in doc["instances"].values()]
     mem = [g["memory"]["measured"] for g in got]
     record = doc["environment"].get("backend", {}).get("shared_weights", {})
@@ -55,8 +56,12 @@ def one(machine, n: int, shared: bool, args) -> dict:
     if record.get("placement") == "tmpfs":
         mapped = max(sum(f.get("rss", 0) for f in m.get("shared_files", {}).values()) for m in mem)
         unmapped = max(0, record["file_bytes"] * len(record["copies"]) - mapped)
+    # Forked workers share the pages their fork server imported: its share counts too.
+    servers = [s["memory"]["measured"] for s in doc["environment"]["start"]["servers"]]
+    server_pss = sum(s["pss"] for s in servers)
     return {"instances": n, "shared": shared, "throughput": doc["summary"]["throughput"],
-            "pss_mb": (sum(m["pss"] for m in mem) + unmapped) / 1e6,
+            "pss_mb": (sum(m["pss"] for m in mem) + unmapped + server_pss) / 1e6,
+            "fork_server_pss_mb": server_pss / 1e6, "start": doc["environment"]["start"]["method"],
             "unmapped_copy_mb": unmapped / 1e6,
             "anonymous_mb": sum(m.get("anonymous", 0) for m in mem) / 1e6,
             "rss_mb": sum(m["rss"] for m in mem) / 1e6,
@@ -125,6 +130,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=40, help="requests per instance")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--start", choices=["fork", "exec"], default="fork",
+                    help="how the launcher starts workers (fork: the default, its servers counted)")
     ap.add_argument("--interleaved", type=int, default=30,
                     help="forwards per model in the head-to-head comparison (0: skip it)")
     ap.add_argument("-o", "--output", type=Path)

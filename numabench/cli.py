@@ -276,7 +276,7 @@ start_option = click.option(
     "--start", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,
     help="fork: workers are forked from one process per NUMA node that has imported the framework "
          "(its pages shared, start-up in a fraction of a second); exec: each worker is a fresh "
-         "interpreter (docs/launch.md).")
+         "interpreter (README, 'Starting workers').")
 
 
 def threading_options(f):

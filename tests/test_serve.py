@@ -296,6 +296,8 @@ def test_worker_killed_under_load_every_request_answered_and_pool_recovers(one_p
             for j in range(25):
                 replies.append(c.infer(input_ids=ids(16, seed=j)))
 
+    server = psutil.Process(victim["pid"]).parent()  # its fork server (the daemon when exec'd)
+    assert server.name() == "numabench-fork"
     threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
@@ -310,6 +312,7 @@ def test_worker_killed_under_load_every_request_answered_and_pool_recovers(one_p
                              and s["instances"][0]["restarts"] == 1)
     inst = s["instances"][0]
     assert inst["pid"] != victim["pid"] and "SIGKILL" in inst["last_exit"]
+    assert psutil.Process(inst["pid"]).parent().pid == server.pid  # restarted by a fork, not an import
     assert not s["pools"][0]["degraded"]
     with one_pool.client() as c:
         assert all(c.infer(input_ids=ids(8)).ok for _ in range(4))

@@ -295,8 +295,9 @@ class Daemon:
         inst.pid = started.pid
         inst.state = S.STARTING
         inst.started_at = time.monotonic()
-        log.info("instance %d: started pid %d (cpus %s, pool %s%s)", inst.id, started.pid,
+        log.info("instance %d: started pid %d (cpus %s, pool %s%s%s)", inst.id, started.pid,
                  list(inst.plan.cpus), inst.pool,
+                 f", forked by fork server {started.forked_by}" if started.forked_by else "",
                  f", beside its predecessor: log {self.group.log_path(inst.key)}"
                  if inst.key != inst.id else "")
 

@@ -132,6 +132,10 @@ class ForkServer:
                                   f"{reply!r} (log: {self.log_path})")
         return Forked(self, reply["pid"])
 
+    def lost(self, pid: int) -> bool:
+        """True when the server ended without saying how `pid` did (its code is LOST)."""
+        return self._eof and pid not in self._exits
+
     def exit_code(self, pid: int, timeout_s: float = 0.0) -> int | None:
         deadline = time.monotonic() + timeout_s
         while pid not in self._exits:
@@ -167,16 +171,17 @@ class Forked:
         self.server = server
         self.pid = pid
         self.returncode: int | None = None
+        self.cause: str | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.exit_code(self.pid)
-        return self.returncode
+        return self.wait(0.0, raise_=False)
 
-    def wait(self, timeout: float | None = None) -> int:
+    def wait(self, timeout: float | None = None, raise_: bool = True) -> int | None:
         if self.returncode is None:
             self.returncode = self.server.exit_code(self.pid, 1e9 if timeout is None else timeout)
-        if self.returncode is None:
+            if self.returncode is not None and self.server.lost(self.pid):
+                self.cause = f"its fork server {self.server.pid} ended first"
+        if self.returncode is None and raise_:
             raise subprocess.TimeoutExpired(f"fork server {self.server.pid} worker {self.pid}", timeout)
         return self.returncode
 

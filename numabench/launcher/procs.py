@@ -26,6 +26,7 @@ PARENT_ENV = "NUMABENCH_PARENT_PID"
 class Exited:
     instance: int
     returncode: int
+    cause: str | None = None  # what we know beyond the code (a forked worker whose server died)
 
     def describe(self) -> str:
         if self.returncode < 0:
@@ -33,8 +34,10 @@ class Exited:
                 name = signal.Signals(-self.returncode).name
             except ValueError:
                 name = f"signal {-self.returncode}"
-            return f"killed by {name}"
-        return f"exited with code {self.returncode}"
+            text = f"killed by {name}"
+        else:
+            text = f"exited with code {self.returncode}"
+        return f"{text} ({self.cause})" if self.cause else text
 
 
 class ProcessGroup:
@@ -90,7 +93,8 @@ class ProcessGroup:
 
     def exited(self) -> list[Exited]:
         """Workers that have ended, in instance order."""
-        return [Exited(i, p.returncode) for i, p in sorted(self.procs.items()) if p.poll() is not None]
+        return [Exited(i, p.returncode, getattr(p, "cause", None))
+                for i, p in sorted(self.procs.items()) if p.poll() is not None]
 
     def tail(self, instance: int, lines: int = 15) -> str:
         try:
