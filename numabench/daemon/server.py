@@ -56,7 +56,7 @@ from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.forkserver import ForkServerError
 from numabench.launcher.options import Workload
-from numabench.launcher.procs import Exited, ProcessGroup
+from numabench.launcher.procs import ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
 from numabench.workers import protocol
 from numabench.workers.backends.shared_weights import nodes_label
@@ -666,9 +666,9 @@ class Daemon:
             log.warning("%s", str(e).splitlines()[0])
             for r in reversed(batch):
                 self.sched.queues[r.pool].appendleft(r)
-            code = self.group.wait(inst.key, 0.5)
-            if code is not None:
-                self._on_exit(inst, Exited(inst.key, code).describe())
+            ended = self.group.ended(inst.key, 0.5)
+            if ended is not None:
+                self._on_exit(inst, ended.describe())
             else:
                 self._kill(inst, "unreachable")
             return
@@ -776,9 +776,9 @@ class Daemon:
     def _check_processes(self) -> None:
         for inst in self._all():
             if inst.state.alive:
-                code = self.group.poll(inst.key)  # reaps it: no zombie
-                if code is not None:
-                    self._on_exit(inst, Exited(inst.key, code).describe())
+                ended = self.group.ended(inst.key)  # reaps it: no zombie
+                if ended is not None:
+                    self._on_exit(inst, ended.describe())
 
     def _on_exit(self, inst: Instance, how: str) -> None:
         inst.last_exit = how

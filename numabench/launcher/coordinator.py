@@ -6,7 +6,6 @@ silence, so a `kill -9` surfaces within a fraction of a second.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 import zmq
 
 from numabench.errors import LaunchError
-from numabench.launcher.procs import Exited, ProcessGroup
+from numabench.launcher.procs import ProcessGroup
 from numabench.workers import protocol
 
 POLL_SLICE_MS = 50
@@ -104,12 +103,8 @@ class Coordinator:
             sock.send(frames[-1])
         except zmq.ZMQError as e:
             # Usually the worker has just died: name how, with its log, rather than the socket error.
-            proc = self.group.procs.get(instance)
-            try:
-                code = proc.wait(timeout=1.0) if proc is not None else None
-            except subprocess.TimeoutExpired:
-                code = None
-            what = Exited(instance, code).describe() if code is not None else f"cannot be reached ({e})"
+            ended = self.group.ended(instance, 1.0)
+            what = ended.describe() if ended is not None else f"cannot be reached ({e})"
             raise WorkerFailed(instance, self._failure_text(instance, what)) from None
 
     def _identity(self, instance: int) -> bytes:

@@ -122,6 +122,13 @@ class ProcessGroup:
         except subprocess.TimeoutExpired:
             return None
 
+    def ended(self, instance: int, timeout_s: float = 0.0) -> Exited | None:
+        """How the instance ended, waiting up to timeout_s; None while it runs on."""
+        code = self.wait(instance, timeout_s) if timeout_s > 0 else self.poll(instance)
+        if code is None:
+            return None
+        return Exited(instance, code, getattr(self.procs[instance], "cause", None))
+
     def kill(self, instance: int, timeout_s: float = 5.0) -> int | None:
         """SIGKILL the instance's process group (a frozen worker too) and reap it; its exit code."""
         proc = self.procs.get(instance)

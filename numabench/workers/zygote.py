@@ -55,6 +55,7 @@ def preimport(backend: str, model: str | None) -> None:
                       file=sys.stderr, flush=True)
     if backend == "onnxruntime":
         import onnxruntime  # noqa: F401
+
         from numabench.workers.backends import onnxruntime as _ort  # noqa: F401
 
 
