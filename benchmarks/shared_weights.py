@@ -62,6 +62,8 @@ def one(machine, n: int, shared: bool, args) -> dict:
     return {"instances": n, "shared": shared, "throughput": doc["summary"]["throughput"],
             "pss_mb": (sum(m["pss"] for m in mem) + unmapped + server_pss) / 1e6,
             "fork_server_pss_mb": server_pss / 1e6, "start": doc["environment"]["start"]["method"],
+            # per instance: where a throughput difference comes from (compute or between requests)
+            "compute_p50_ms": [round(i["compute"]["p50_ns"] / 1e6, 2) for i in doc["summary"]["instances"].values()],
             "unmapped_copy_mb": unmapped / 1e6,
             "anonymous_mb": sum(m.get("anonymous", 0) for m in mem) / 1e6,
             "rss_mb": sum(m["rss"] for m in mem) / 1e6,
@@ -146,7 +148,7 @@ def main() -> int:
                 runs.append(one(machine, n, shared, args))
                 x = runs[-1]
                 print(f"round {r + 1}: {n} instance(s), {'shared ' if shared else 'private'}: "
-                      f"PSS {x['pss_mb']:.0f} MB (anonymous {x['anonymous_mb']:.0f} MB), "
+                      f"PSS {x['pss_mb']:.0f} MB (anonymous {x['anonymous_mb']:.0f} MB), compute p50 {x['compute_p50_ms']} ms, "
                       f"{x['throughput']:.2f} samples/s, load {x['load_s']} s, all ready {x['all_ready_s']:.1f} s",
                       flush=True)
 

@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--cores-per-instance", type=int, default=1)
     ap.add_argument("--model", default="bert-base-cased")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--start", choices=["fork", "exec"], default="fork", help="how workers are started")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
 
@@ -37,7 +38,8 @@ def main() -> int:
             plan = plan_for_launch(machine, instances=n, cores_per_instance=args.cores_per_instance, batch=n)
             w = Workload(model=args.model, seq=32, mode="throughput", iterations=1, warmup=1)
             with tempfile.TemporaryDirectory() as t:
-                doc = run_launch(machine, plan, w, LaunchOptions(run_dir=Path(t), progress=False)).to_dict()
+                doc = run_launch(machine, plan, w, LaunchOptions(run_dir=Path(t), progress=False,
+                                                                   start=args.start)).to_dict()
             res[n].append(doc["environment"]["startup"]["all_ready_s"])
         print(f"round {k + 1}: 1 instance {res[1][-1]:.2f} s, {args.instances} instances "
               f"{res[args.instances][-1]:.2f} s", flush=True)

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from numabench.launcher import memory
+from numabench.launcher.forkserver import ForkServer, server_argv
 from numabench.workers.backends import Preparation
 from numabench.workers.backends import shared_weights as sw
 
@@ -203,15 +204,18 @@ def test_outputs_identical_with_and_without_sharing(cache_dir, shm_dir, tmp_path
                                        copies_dir=shm_dir)
     (path,) = shared.paths.values()
     coord = Coordinator(tmp_path)
+    # Six workers from one fork server (as launch starts them): one torch import, not six.
+    server = ForkServer(server_argv([], "pytorch", "bert-tiny"), dict(os.environ),
+                        tmp_path / "fork-server.log", timeout_s=120)
     workers = {}  # instance -> (precision, shared)
     procs = {}
     try:
         for k, (precision, share) in enumerate((pc, s) for pc in ("fp32", "bf16", "int8")
                                                for s in (False, True)):
             workers[k] = (precision, share)
-            procs[k] = coord.start(k, backend="pytorch", precision=precision, seed=7,
-                                   cpus=[USABLE[k % len(USABLE)]], pin_self=True,
-                                   options={"weights_path": path} if share else {})
+            procs[k] = coord.fork(server, k, backend="pytorch", precision=precision, seed=7,
+                                  cpus=[USABLE[k % len(USABLE)]], pin_self=True,
+                                  options={"weights_path": path} if share else {})
         ready = {}
         while len(ready) < len(procs):
             ident, head, _ = coord.recv(timeout_s=120)
@@ -242,8 +246,9 @@ def test_outputs_identical_with_and_without_sharing(cache_dir, shm_dir, tmp_path
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        server.close()
         coord.close()
         sw.remove_copies(shared.temporary)
 

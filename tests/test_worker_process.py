@@ -50,6 +50,13 @@ class Coordinator:
         self.procs.append(proc)
         return proc
 
+    def fork(self, server, instance: int, **cfg):
+        """Like start, but the worker is forked by `server` (a launcher.forkserver.ForkServer)."""
+        config = {"instance": instance, "endpoint": self.endpoint, "backend": "noop",
+                  "model": "bert-tiny", "threads": 1, "timeout_s": 60,
+                  "warmup": {"shapes": [[2, 16]], "iterations": 1}, **cfg}
+        return server.fork(instance, config, dict(os.environ), self.tmp_path / f"worker-{instance}.log")
+
     def log(self, instance: int) -> str:
         return (self.tmp_path / f"worker-{instance}.log").read_text()
 
