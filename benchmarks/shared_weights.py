@@ -148,7 +148,8 @@ def main() -> int:
                 runs.append(one(machine, n, shared, args))
                 x = runs[-1]
                 print(f"round {r + 1}: {n} instance(s), {'shared ' if shared else 'private'}: "
-                      f"PSS {x['pss_mb']:.0f} MB (anonymous {x['anonymous_mb']:.0f} MB), compute p50 {x['compute_p50_ms']} ms, "
+                      f"PSS {x['pss_mb']:.0f} MB (anonymous {x['anonymous_mb']:.0f} MB), "
+                      f"compute p50 {x['compute_p50_ms']} ms, "
                       f"{x['throughput']:.2f} samples/s, load {x['load_s']} s, all ready {x['all_ready_s']:.1f} s",
                       flush=True)
 

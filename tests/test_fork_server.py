@@ -146,3 +146,35 @@ def test_pin_framework_threads_binds_the_busy_thread_and_leaves_the_idle_one():
         for t in threads:
             t.join()
         os.sched_setaffinity(0, before)
+
+
+def test_a_server_answers_hostile_requests_and_still_forks(tmp_path):
+    """Whatever reaches its stdin, the server refuses what is not a fork request and carries on."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_worker_process import Coordinator
+
+    server = forkserver.ForkServer(forkserver.server_argv([], "noop", "bert-tiny"), dict(os.environ),
+                                   tmp_path / "fork-server.log", timeout_s=60)
+    coord = Coordinator(tmp_path)
+    try:
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.one_of(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b" ")),
+                         st.just(b'{"op": "fork"}'), st.just(b"[1, 2]"), st.just(b'{"op": "fork", "config": {},'
+                                                                                  b' "env": {"A": 1}, "log": "x"}')))
+        def hostile(line):
+            server.proc.stdin.write(line + b"\n")
+            server.proc.stdin.flush()
+            reply = server._next_reply(10)
+            assert reply is not None and reply["op"] == "refused", reply
+
+        hostile()
+        proc = coord.fork(server, 0)
+        ident, head, _ = coord.recv(timeout_s=30)
+        assert (ident, head["type"]) == (0, "HELLO") and head["pid"] == proc.pid
+        coord.send(0, "STOP")
+        assert proc.wait(30) == 0
+    finally:
+        server.close()
+        coord.close()
+    assert server.proc.returncode == 0

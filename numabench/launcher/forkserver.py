@@ -64,6 +64,8 @@ class ForkServer:
             self.proc = subprocess.Popen(argv, env={**env, PARENT_ENV: str(os.getpid())},
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                          start_new_session=True)
+        except OSError as e:
+            raise ForkServerError(f"fork server did not start: {e}") from None
         finally:
             log.close()
         self.pid = self.proc.pid

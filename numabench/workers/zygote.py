@@ -114,6 +114,20 @@ class Server:
         self.children.add(pid)
         self.say({"op": "forked", "instance": req.get("instance"), "pid": pid})
 
+    def request(self, line: bytes) -> None:
+        """One line from the launcher; anything but a well-formed fork is answered, not obeyed."""
+        try:
+            req = json.loads(line)
+            ok = (isinstance(req, dict) and req.get("op") == "fork" and isinstance(req.get("config"), dict)
+                  and isinstance(req.get("env"), dict) and isinstance(req.get("log"), str)
+                  and all(isinstance(k, str) and isinstance(v, str) for k, v in req["env"].items()))
+        except ValueError:
+            ok = False
+        if not ok:
+            self.say({"op": "refused", "message": f"not a fork request: {line[:200]!r}"})
+            return
+        self.fork(req)
+
     def reap(self) -> None:
         while self.children:
             try:
@@ -167,9 +181,7 @@ class Server:
                     buf += chunk
                     while b"\n" in buf:
                         line, buf = buf.split(b"\n", 1)
-                        req = json.loads(line)
-                        if req.get("op") == "fork":
-                            self.fork(req)
+                        self.request(line)
             return 0
         finally:
             self.stop()
