@@ -40,7 +40,7 @@ def preimport(backend: str, model: str | None) -> None:
     from numabench.workers import protocol, requests  # noqa: F401
     from numabench.workers.backends import create_backend  # noqa: F401
 
-    if backend in ("pytorch", "onnxruntime"):
+    if backend == "pytorch":  # (an ONNX Runtime worker given its prepared file imports no torch)
         import torch
 
         from numabench.workers import models
