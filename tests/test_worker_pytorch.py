@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 # tests/ is on sys.path (pytest's rootdir import mode): share the ROUTER harness.
 from test_worker_process import Coordinator
 
+from numabench.launcher.forkserver import ForkServer, server_argv
 from numabench.workers import protocol as p
 from numabench.workers import worker as w
 
@@ -36,13 +38,18 @@ def pool(tmp_path_factory):
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     coord = Coordinator(tmp)
+    # The bert-tiny workers and the broken one are forked from one fork server (as launch and
+    # serve start them); MiniLM's is exec'd, a fresh interpreter (--start exec).
+    server = ForkServer(server_argv([], "pytorch", "bert-tiny"), dict(os.environ), tmp / "fork-server.log",
+                        timeout_s=120)
     procs = {}
     for instance, (model, precision) in WORKERS.items():
         cpu = CPUS[instance % len(CPUS)]
-        procs[instance] = coord.start(
+        start = coord.start if model == "minilm" else partial(coord.fork, server)
+        procs[instance] = start(
             instance, backend="pytorch", model=model, precision=precision, cpus=[cpu],
             pin_self=True, seed=7, warmup={"shapes": [[2, 16]], "iterations": 2})
-    procs[BROKEN] = coord.start(BROKEN, backend="pytorch", model=str(broken))
+    procs[BROKEN] = coord.fork(server, BROKEN, backend="pytorch", model=str(broken))
     messages: dict[int, list[dict]] = {i: [] for i in procs}
     # Everyone says HELLO, then READY (or a fatal ERROR) — in whatever order they finish loading.
     while sum(len(m) for m in messages.values()) < 2 * len(procs):
@@ -52,6 +59,7 @@ def pool(tmp_path_factory):
     for instance, proc in procs.items():
         if proc.poll() is None:
             coord.send(instance, p.STOP)
+    server.close()
     coord.close()
 
 
