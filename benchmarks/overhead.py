@@ -75,7 +75,8 @@ def numabench_round(machine, plan, args) -> dict:
                         iterations=args.iterations, warmup=50)
     with tempfile.TemporaryDirectory() as tmp:
         doc = run_launch(machine, plan, workload, LaunchOptions(
-            run_dir=Path(tmp), transport=args.transport, progress=False, inflight=1)).to_dict()
+            run_dir=Path(tmp), transport=args.transport, progress=False, inflight=1,
+            io_threads_off_cores=args.io_threads_off_cores)).to_dict()
     return doc["summary"]
 
 
@@ -97,6 +98,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
+    ap.add_argument("--io-threads-on-worker-cpus", dest="io_threads_off_cores", action="store_false",
+                    help="keep each worker's ZeroMQ threads on its own CPUs (as the bare echo has them)")
     ap.add_argument("-o", "--output", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
 
