@@ -57,6 +57,7 @@ class ForkServer:
         self._replies: deque[dict[str, Any]] = deque()
         self._buf = b""
         self._eof = False
+        self._poller: Any = None
         log = open(self.log_path, "ab")
         try:
             log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -87,8 +88,10 @@ class ForkServer:
         if self._eof:
             return False
         fd = self.proc.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], max(timeout_s, 0))
-        if not ready:
+        if self._poller is None:  # poll, not select: a daemon's descriptors may pass 1024
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
+        if not self._poller.poll(max(timeout_s, 0) * 1000):
             return True
         chunk = os.read(fd, 65536)
         if not chunk:
