@@ -410,8 +410,10 @@ class Daemon:
         self.pools = {s.name: Pool(s) for s in self._pool_specs}
         self.sched.set_pools(self.pools)
         self.instances = self._build(self.plan, self._pool_specs)
-        users = sorted(v for v in binding.PLACEMENT_VARS if v in os.environ)
-        if o.start == "fork" and not users:
+        why_exec = "--start exec" if o.start == "exec" else spawn.why_exec(os.environ)
+        if why_exec is not None:
+            log.info("workers are started as fresh processes: %s", why_exec)
+        else:
             self.fork = spawn.ForkPlan.for_instances(self.plan.instances, o.workload.backend,
                                                      o.workload.model, timeout_s=o.ready_timeout_s)
         for inst in self.instances.values():

@@ -272,12 +272,9 @@ class _Run:
     def start_method(self) -> tuple[spawn.ForkPlan | None, str | None]:
         """Fork workers from fork servers unless asked not to or it would change what they get."""
         o, w = self.opts, self.workload
-        users = sorted(v for v in binding.PLACEMENT_VARS if v in os.environ)
         why = ("--start exec" if o.start == "exec"
                else "the out-of-the-box baseline: the framework reads the environment itself"
-               if o.framework_defaults
-               else f"{', '.join(users)} set in the environment is read when the framework loads"
-               if users else None)
+               if o.framework_defaults else spawn.why_exec(os.environ))
         if why is not None:
             return None, why
         return spawn.ForkPlan.for_instances(self.plan.instances, w.backend, w.model,

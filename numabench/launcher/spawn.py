@@ -68,6 +68,13 @@ class ForkPlan:
         return cls(backend, model, {k: tuple(sorted(v)) for k, v in by.items()}, timeout_s)
 
 
+def why_exec(env: Mapping[str, str]) -> str | None:
+    """Why workers must be exec'd under `env` (None: they may be forked): placement variables
+    the user set are read when the framework loads, which a fork server did long before."""
+    users = sorted(v for v in binding.PLACEMENT_VARS if v in env)
+    return f"{', '.join(users)} set in the environment is read when the framework loads" if users else None
+
+
 def start_instance(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
                    config: WorkerConfig, preload: str | None = None,
                    base_env: Mapping[str, str] | None = None,
