@@ -178,3 +178,25 @@ def test_a_server_answers_hostile_requests_and_still_forks(tmp_path):
         server.close()
         coord.close()
     assert server.proc.returncode == 0
+
+
+@TWO_CPUS
+def test_a_daemon_whose_fork_server_dies_restarts_its_workers_as_fresh_processes(tmp_path):
+    from test_serve import Daemon, ids
+
+    d = Daemon(tmp_path, "--instances", "2", "--compute-us", "1000")
+    try:
+        first = {i["id"]: i["pid"] for i in d.status()["instances"]}
+        (server,) = {psutil.Process(pid).parent() for pid in first.values()}
+        assert server.name() == "numabench-fork" and server.parent().pid == d.proc.pid
+        server.send_signal(signal.SIGKILL)  # its workers die with it (PDEATHSIG)
+        s = d.wait_status(lambda s: all(i["state"] == "ready" and i["pid"] not in first.values()
+                                        for i in s["instances"]), timeout=60)
+        for inst in s["instances"]:
+            assert "fork server" in inst["last_exit"] and "ended first" in inst["last_exit"], inst
+            assert psutil.Process(inst["pid"]).parent().pid == d.proc.pid  # exec'd by the daemon now
+        with d.client(timeout_s=30) as c:
+            assert all(c.infer(input_ids=ids(8)).ok for _ in range(4))
+        assert "workers are started as fresh processes instead" in d.output()
+    finally:
+        d.close()
