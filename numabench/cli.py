@@ -275,8 +275,8 @@ inflight_option = click.option(
 start_option = click.option(
     "--start", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,
     help="fork: workers are forked from one process per NUMA node that has imported the framework "
-         "(its pages shared, start-up in a fraction of a second); exec: each worker is a fresh "
-         "interpreter (README, 'Starting workers').")
+         "once (its pages shared; each worker then starts in a fraction of a second); exec: each "
+         "worker is a fresh interpreter that imports it (README, 'Starting workers').")
 
 
 def threading_options(f):
