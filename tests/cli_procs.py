@@ -31,3 +31,9 @@ def descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def assert_all_gone(procs: list[psutil.Process], timeout: float = 10) -> None:
+    """Every one of `procs` ends within `timeout` (nothing left behind)."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"processes left behind: {[p.pid for p in alive]}"

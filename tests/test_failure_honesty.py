@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cli_procs import descendants, start_cli, wait_for_line
+from cli_procs import assert_all_gone, descendants, start_cli, wait_for_line
 
 from numabench.results import load_result
 
@@ -49,8 +49,7 @@ def test_launch_stopped_by_a_signal_saves_results_and_cleans_up(tmp_path, sig):
             p.kill()
     assert p.returncode == 130, err
     assert f"interrupted by {sig.name}" in err and "Traceback" not in err
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive
+    assert_all_gone(workers)
     result = load_result(run_dir / "results.json")
     assert result.status == "interrupted" and sig.name in result.error
     assert os.listdir(env["TMPDIR"]) == []  # the socket folder is gone
@@ -71,8 +70,7 @@ def test_two_ctrl_c_within_milliseconds_exit_130_with_results(tmp_path):
             p.kill()
     assert p.returncode == 130, err
     assert "Aborted!" not in err and "Traceback" not in err
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive
+    assert_all_gone(workers)
     assert load_result(run_dir / "results.json").status == "interrupted"
 
 

@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from cli_procs import descendants, start_cli, wait_for_line
+from cli_procs import assert_all_gone, descendants, start_cli, wait_for_line
 
 from numabench.launcher import forkserver
 from numabench.launcher.launch import LaunchOptions, Workload, run_launch
@@ -92,8 +92,7 @@ def test_killing_the_fork_server_ends_the_run_and_names_its_workers(tmp_path):
             p.kill()
     assert p.returncode == 1, err
     assert "its fork server" in err and "ended first" in err, err
-    gone, alive = psutil.wait_procs(procs, timeout=10)
-    assert not alive, f"left behind: {alive}"
+    assert_all_gone(procs)
     doc = json.loads((run_dir / "results.json").read_text())
     assert doc["status"] == "failed" and "instance" in doc["error"]
 

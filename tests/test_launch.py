@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from cli_procs import descendants, start_cli, wait_for_line
+from cli_procs import assert_all_gone, descendants, start_cli, wait_for_line
 
 from numabench.results import RESULTS_SCHEMA, RESULTS_VERSION, samples_from_columns, summarize
 
@@ -24,11 +23,6 @@ TWO_CPUS = pytest.mark.skipif(len(USABLE) < 2, reason="needs at least 2 usable C
 def launch(*args, env=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "numabench.cli", "launch", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def assert_all_gone(procs: list[psutil.Process], timeout: float = 10) -> None:
-    gone, alive = psutil.wait_procs(procs, timeout=timeout)
-    assert not alive, f"processes left behind: {[p.pid for p in alive]}"
 
 
 @TWO_CPUS

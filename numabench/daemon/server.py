@@ -54,7 +54,6 @@ from numabench.daemon.supervisor import DeathRecord, InstanceState, RestartPolic
 from numabench.errors import NumabenchError
 from numabench.launcher import binding, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
-from numabench.launcher.forkserver import ForkServerError
 from numabench.launcher.options import Workload
 from numabench.launcher.procs import ProcessGroup
 from numabench.plans.model import InstancePlan, Plan
@@ -277,21 +276,15 @@ class Daemon:
         if self._spawn_cpus:
             os.sched_setaffinity(0, self._spawn_cpus)
         try:
-            started = None
-            if self.fork is not None:
-                try:
-                    started = spawn.start_instance(self.group, self.binder, plan, config, self.preload,
-                                                   fork=self.fork)
-                except ForkServerError as e:
-                    log.warning("%s; workers are started as fresh processes instead", e)
-                    self.fork = None
-            if started is None:
-                started = spawn.start_instance(self.group, self.binder, plan, config, self.preload)
+            started = spawn.start_instance(self.group, self.binder, plan, config, self.preload, fork=self.fork)
         finally:
             if self._spawn_cpus and self.loop_cpus:
                 os.sched_setaffinity(0, self.loop_cpus)
         for w in started.warnings:
             log.warning("%s", w)
+        if started.fork_error is not None:
+            log.warning("%s; workers are started as fresh processes instead", started.fork_error)
+            self.fork = None
         inst.pid = started.pid
         inst.state = S.STARTING
         inst.started_at = time.monotonic()
@@ -410,7 +403,7 @@ class Daemon:
         self.pools = {s.name: Pool(s) for s in self._pool_specs}
         self.sched.set_pools(self.pools)
         self.instances = self._build(self.plan, self._pool_specs)
-        why_exec = "--start exec" if o.start == "exec" else spawn.why_exec(os.environ)
+        why_exec = spawn.why_exec(o.start, os.environ)
         if why_exec is not None:
             log.info("workers are started as fresh processes: %s", why_exec)
         else:

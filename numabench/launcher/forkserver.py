@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
+from numabench.launcher.binding import PLACEMENT_VARS, THREAD_VARS
 
 # Read by the framework once, at load: a server started with them serves only workers that want
 # the same. The per-instance ones (counts, places) a forked worker sets for itself instead.
 LOAD_TIME_VARS = ("LD_PRELOAD", "KMP_BLOCKTIME", "MALLOC_CONF", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-PER_INSTANCE_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES",
-                     "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+PLACES = tuple(v for v in PLACEMENT_VARS if v not in LOAD_TIME_VARS)  # one instance's CPUs each
+PER_INSTANCE_VARS = THREAD_VARS + PLACES
 # A worker whose server died before saying how it ended: PDEATHSIG sent it SIGTERM, and the
 # server's stop SIGKILLs what outlives the grace period.
 LOST = -int(signal.SIGTERM)

@@ -26,7 +26,6 @@ from numabench.errors import LaunchError, NumabenchError
 from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
 from numabench.launcher import binding, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
-from numabench.launcher.forkserver import ForkServerError
 from numabench.launcher.measure import Limits, Measurement, make_payloads, measure
 from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
     DEFAULT_ITERATIONS,
@@ -42,13 +41,12 @@ from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's p
 )
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
-from numabench.plans.model import InstancePlan, Plan
+from numabench.plans.model import Plan
 from numabench.results import RunResult, Sample, summarize
 from numabench.system.noise import NoiseRecorder
 from numabench.topology.model import Machine
 from numabench.workers import protocol
 from numabench.workers.backends import release_preparation
-from numabench.workers.config import WorkerConfig
 
 
 class RunInterrupted(LaunchError):
@@ -171,7 +169,7 @@ class _Run:
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.repetition: dict[str, Any] | None = None
         self.text_lengths: dict[int, list[int]] = {}  # --text: each instance's rows, real tokens
-        self.start_record: dict[str, Any] = {"method": None, "why_exec": None, "servers": []}
+        self.start_record: dict[str, Any] = {"method": None, "why_exec": None}
         self._servers: dict[tuple, Any] = {}  # the process group's fork servers
 
     @property
@@ -226,7 +224,7 @@ class _Run:
         where = placement.coordinator_placement(self.machine, self.plan.cpus)
         fork, why_exec = self.start_method()
         self._servers = group.servers
-        self.start_record = {"method": "fork" if fork else "exec", "why_exec": why_exec, "servers": []}
+        self.start_record = {"method": "fork" if fork else "exec", "why_exec": why_exec}
         for inst in self.plan.instances:
             # unbound instances (--binder none, the oob baseline) get no placement at all
             io_cpus = (placement.io_thread_cpus(self.machine, where, inst.cpus)
@@ -244,9 +242,13 @@ class _Run:
                          **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})},
                 io_cpus=io_cpus)
             self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
-            started = self._start(group, inst, cfg, fork)
-            if fork is not None and started.forked_by is None:
-                fork = None  # the server failed: the rest are exec'd too (warned once)
+            started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading,
+                                           set_threads=not self.opts.framework_defaults, fork=fork)
+            if started.fork_error is not None:  # the rest are exec'd too (warned once)
+                fork = None
+                self.warnings.append(f"{started.fork_error}; workers are started as fresh processes instead")
+                self.start_record.update(method="fork+exec" if group.servers else "exec",
+                                         why_exec=started.fork_error)
             self.warnings.extend(started.warnings)
             applied_env[inst.id] = dict(started.variables_set)
             threads = ("framework default threads" if self.opts.framework_defaults
@@ -264,7 +266,7 @@ class _Run:
             # instance -> the CPUs its ZeroMQ threads were sent to (absent: its own CPUs)
             "worker_io_cpus": io_moved,
             **self.threading.record(),
-            "start": self.start_record,
+            "start": {**self.start_record, "servers": [s.info for s in group.servers.values()]},
             "python": platform.python_version(), "numabench": __version__,
             "hostname": socket.gethostname(), "kernel": platform.release(),
         }
@@ -272,27 +274,11 @@ class _Run:
     def start_method(self) -> tuple[spawn.ForkPlan | None, str | None]:
         """Fork workers from fork servers unless asked not to or it would change what they get."""
         o, w = self.opts, self.workload
-        why = ("--start exec" if o.start == "exec"
-               else "the out-of-the-box baseline: the framework reads the environment itself"
-               if o.framework_defaults else spawn.why_exec(os.environ))
+        why = spawn.why_exec(o.start, os.environ, o.framework_defaults)
         if why is not None:
             return None, why
         return spawn.ForkPlan.for_instances(self.plan.instances, w.backend, w.model,
                                             timeout_s=o.ready_timeout_s), None
-
-    def _start(self, group: ProcessGroup, inst: InstancePlan, cfg: WorkerConfig,
-               fork: spawn.ForkPlan | None) -> spawn.Started:
-        kwargs = dict(threading=self.threading, set_threads=not self.opts.framework_defaults)
-        if fork is not None:
-            try:
-                started = spawn.start_instance(group, self.binder, inst, cfg, self.preload, fork=fork, **kwargs)
-            except ForkServerError as e:
-                self.warnings.append(f"{e}; workers are started as fresh processes instead")
-                self.start_record.update(method="fork+exec" if group.servers else "exec", why_exec=str(e))
-            else:
-                self.start_record["servers"] = [s.info for s in group.servers.values()]
-                return started
-        return spawn.start_instance(group, self.binder, inst, cfg, self.preload, **kwargs)
 
     def place_coordinator(self) -> Callable[[], None]:
         """Pin the coordinator off the workers' CPUs (after they started: numactl refuses CPUs

@@ -53,48 +53,42 @@ class ProcessGroup:
         return self.run_dir / f"instance-{instance}.log"
 
     def start(self, instance: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = self._new_log(instance, "$ " + " ".join(argv))
+        self._logs[instance] = log
+        return self._register(instance, lambda: subprocess.Popen(
+            argv, env={**env, PARENT_ENV: str(os.getpid())}, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start_forked(self, instance: int, server: ForkServer, config: dict, env: dict[str, str]) -> Forked:
+        """Have `server` fork the instance's worker (it writes run_dir/instance-<id>.log itself)."""
+        self._new_log(instance, f"$ forked by fork server {server.pid}").close()
+        return self._register(instance, lambda: server.fork(instance, config, env, self.log_path(instance)))
+
+    def _new_log(self, instance: int, first_line: str):
+        """The instance's log, opened for appending with `first_line` written and flushed."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = self._logs.pop(instance, None)
         if previous is not None:  # a restart (serve): the old process's log handle is done
             previous.close()
         log = open(self.log_path(instance), "ab")
-        log.write(("$ " + " ".join(argv) + "\n").encode())
+        log.write((first_line + "\n").encode())
         log.flush()
-        self._logs[instance] = log
-        # A stop signal landing inside Popen, after the fork, would leave a child this group
-        # does not know and so never stops: hold the signals until the child is registered.
-        # The child inherits the mask; the worker unblocks them first thing (workers/worker.py).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        try:
-            proc = subprocess.Popen(argv, env={**env, PARENT_ENV: str(os.getpid())},
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            self.procs[instance] = proc
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        return proc
+        return log
 
-    def start_forked(self, instance: int, server: ForkServer, config: dict, env: dict[str, str]) -> Forked:
-        """Have `server` fork the instance's worker (it writes run_dir/instance-<id>.log itself)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        previous = self._logs.pop(instance, None)
-        if previous is not None:
-            previous.close()
-        with open(self.log_path(instance), "ab") as log:
-            log.write(f"$ forked by fork server {server.pid}\n".encode())
-        # As in start: the worker must be registered before a stop signal can be handled.
+    def _register(self, instance: int, start):
+        # A stop signal landing after the fork, before the child is registered, would leave a
+        # child this group does not know and so never stops: hold the signals until then. An
+        # exec'd child inherits the mask; the worker unblocks them first thing (workers/worker.py).
         held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
-            proc = server.fork(instance, config, env, self.log_path(instance))
-            self.procs[instance] = proc
+            proc = self.procs[instance] = start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return proc
 
     def exited(self) -> list[Exited]:
         """Workers that have ended, in instance order."""
-        return [Exited(i, p.returncode, getattr(p, "cause", None))
-                for i, p in sorted(self.procs.items()) if p.poll() is not None]
+        return [e for i in sorted(self.procs) if (e := self.ended(i)) is not None]
 
     def tail(self, instance: int, lines: int = 15) -> str:
         try:

@@ -30,6 +30,7 @@ class Started:
     variables_set: Mapping[str, str]
     warnings: tuple[str, ...]
     forked_by: int | None = None  # the fork server's pid; None: exec'd
+    fork_error: str | None = None  # why it was exec'd although forking was asked for
 
 
 def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str, precision: str,
@@ -68,9 +69,14 @@ class ForkPlan:
         return cls(backend, model, {k: tuple(sorted(v)) for k, v in by.items()}, timeout_s)
 
 
-def why_exec(env: Mapping[str, str]) -> str | None:
-    """Why workers must be exec'd under `env` (None: they may be forked): placement variables
-    the user set are read when the framework loads, which a fork server did long before."""
+def why_exec(start: str, env: Mapping[str, str], framework_defaults: bool = False) -> str | None:
+    """Why workers must be exec'd (None: they may be forked): asked for, the out-of-the-box
+    baseline, or placement variables the user set, which the framework reads when it loads (a
+    fork server did long before)."""
+    if start == "exec":
+        return "--start exec"
+    if framework_defaults:
+        return "the out-of-the-box baseline: the framework reads the environment itself"
     users = sorted(v for v in binding.PLACEMENT_VARS if v in env)
     return f"{', '.join(users)} set in the environment is read when the framework loads" if users else None
 
@@ -83,28 +89,35 @@ def start_instance(group: ProcessGroup, binder: binding.Binder, inst: InstancePl
     """Bind and start one worker process in `group` (its log: the group's instance log).
     `threading`: OpenMP runtime and thread binding (None: thread counts only); `set_threads`
     False: no thread variable at all (the out-of-the-box baseline). `fork`: fork it from the
-    group's fork server for its memory nodes (started on first use); raises ForkServerError
-    when that server cannot start or fork, and the caller starts exec'd workers instead."""
+    group's fork server for its memory nodes (started on first use); when that server cannot
+    start or fork, the worker is exec'd and `fork_error` says why."""
     env, warnings, applied = binding.worker_env(dict(os.environ if base_env is None else base_env),
                                                 inst, preload, threading, set_threads=set_threads)
-    if fork is None:
-        argv = binding.bind_prefix(binder, inst) + [
-            sys.executable, "-m", "numabench.workers", "--config", config.to_json()]
-        proc = group.start(inst.id, argv, env)
-        return Started(inst.id, proc.pid, tuple(argv), applied, tuple(warnings))
-    server = fork_server(group, binder, inst, env, fork)
-    if server is None:
-        return start_instance(group, binder, inst, config, preload, base_env, threading, set_threads)
-    # Its parent read OMP_PLACES/KMP_AFFINITY at import: the worker binds its own CPUs and
-    # threads; its memory policy it inherits from the server (numactl --membind).
-    placement = {v for v in binding.PLACEMENT_VARS if v in applied and v != "KMP_BLOCKTIME"}
-    # (ONNX Runtime binds its own threads, from the worker's options; noop has none.)
-    config = replace(config, pin_self=binder.binds_cpus,
-                     pin_threads=bool(placement) and binder.binds_cpus and config.backend == "pytorch")
-    env = {k: v for k, v in env.items() if k not in placement}
-    applied = {k: v for k, v in applied.items() if k not in placement}
-    proc = group.start_forked(inst.id, server, config.to_dict(), env)
-    return Started(inst.id, proc.pid, (), applied, tuple(warnings), forked_by=server.pid)
+    fork_error = None
+    if fork is not None:
+        try:
+            server = fork_server(group, binder, inst, env, fork)
+        except forkserver.ForkServerError as e:
+            server, fork_error = None, str(e)
+        if server is not None:
+            # Its parent read OMP_PLACES/KMP_AFFINITY at import: the worker binds its own CPUs
+            # and threads; its memory policy it inherits from the server (numactl --membind).
+            placement = {v for v in forkserver.PLACES if v in applied}
+            # (ONNX Runtime binds its own threads, from the worker's options; noop has none.)
+            forked = replace(config, pin_self=binder.binds_cpus,
+                             pin_threads=bool(placement) and binder.binds_cpus and config.backend == "pytorch")
+            try:
+                proc = group.start_forked(inst.id, server, forked.to_dict(),
+                                          {k: v for k, v in env.items() if k not in placement})
+            except forkserver.ForkServerError as e:
+                fork_error = str(e)
+            else:
+                return Started(inst.id, proc.pid, (), {k: v for k, v in applied.items() if k not in placement},
+                               tuple(warnings), forked_by=server.pid)
+    argv = binding.bind_prefix(binder, inst) + [
+        sys.executable, "-m", "numabench.workers", "--config", config.to_json()]
+    proc = group.start(inst.id, argv, env)
+    return Started(inst.id, proc.pid, tuple(argv), applied, tuple(warnings), fork_error=fork_error)
 
 
 def fork_server(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
