@@ -199,3 +199,24 @@ def test_a_daemon_whose_fork_server_dies_restarts_its_workers_as_fresh_processes
         assert "workers are started as fresh processes instead" in d.output()
     finally:
         d.close()
+
+
+def test_a_server_whose_launcher_stopped_reading_still_stops_its_workers(tmp_path):
+    """Its reports go nowhere (a broken pipe); it must still SIGTERM, reap and exit cleanly."""
+    from test_worker_process import Coordinator
+
+    server = forkserver.ForkServer(forkserver.server_argv([], "noop", "bert-tiny"), dict(os.environ),
+                                   tmp_path / "fork-server.log", timeout_s=60)
+    coord = Coordinator(tmp_path)
+    try:
+        proc = coord.fork(server, 0)
+        assert coord.recv(timeout_s=30)[1]["type"] == "HELLO"
+        worker = psutil.Process(proc.pid)
+        server.proc.stdout.close()  # what a dead launcher leaves: the server's reports fail
+        server.proc.stdin.close()  # EOF: stop
+        assert server.proc.wait(30) == 0, (tmp_path / "fork-server.log").read_text()
+        assert_all_gone([worker])
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        coord.close()

@@ -92,8 +92,11 @@ class Server:
         os.set_blocking(self.wake_w, False)
 
     def say(self, obj: dict) -> None:
-        self.out.write(json.dumps(obj) + "\n")
-        self.out.flush()
+        try:
+            self.out.write(json.dumps(obj) + "\n")
+            self.out.flush()
+        except OSError:  # the launcher is gone (broken pipe): nobody to tell, stopping goes on
+            pass
 
     def fork(self, req: dict) -> None:
         pid = os.fork()
