@@ -220,3 +220,14 @@ def test_a_server_whose_launcher_stopped_reading_still_stops_its_workers(tmp_pat
         if server.proc.poll() is None:
             server.proc.kill()
         coord.close()
+
+
+def test_serve_refuses_an_unknown_start_method_before_anything_starts(tmp_path):
+    from numabench.daemon.server import Daemon, ServeOptions
+    from numabench.errors import NumabenchError
+
+    machine = read_machine("/")
+    with pytest.raises(NumabenchError, match="--start must be one of fork, exec, not 'spawn'"):
+        Daemon(plan_for_launch(machine, instances=1, batch=1),
+               ServeOptions(workload=NOOP, start="spawn", run_dir=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

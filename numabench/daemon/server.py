@@ -146,6 +146,7 @@ class Daemon:
                                  ("--inflight", opts.inflight, 1), ("send_hwm", opts.send_hwm, 1)):
             if value < low:
                 raise NumabenchError(f"{name} must be at least {low} (got {value})")
+        spawn.check_start(opts.start)
         self.opts = opts
         self.policy = opts.policy()
         self.plan = plan

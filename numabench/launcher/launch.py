@@ -125,8 +125,7 @@ def check_options(opts: LaunchOptions) -> None:
                         ("--request-timeout", opts.request_timeout_s), ("grace", opts.grace_s)):
         if not (math.isfinite(value) and value > 0):
             raise NumabenchError(f"{name} must be a positive number of seconds, not {value}")
-    if opts.start not in spawn.START_METHODS:
-        raise NumabenchError(f"--start must be one of {', '.join(spawn.START_METHODS)}, not {opts.start!r}")
+    spawn.check_start(opts.start)
     if not 1 <= opts.repeat <= MAX_REPEAT:
         raise NumabenchError(f"--repeat must be 1 to {MAX_REPEAT} (got {opts.repeat})")
     if opts.output is not None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from numabench.errors import NumabenchError
 from numabench.launcher import binding, forkserver
 from numabench.launcher.procs import ProcessGroup
 from numabench.plans.model import InstancePlan
@@ -67,6 +68,12 @@ class ForkPlan:
         for inst in instances:
             by.setdefault(tuple(sorted(inst.memory_nodes)), set()).update(inst.cpus)
         return cls(backend, model, {k: tuple(sorted(v)) for k, v in by.items()}, timeout_s)
+
+
+def check_start(start: str) -> None:
+    """Refuse an unknown start method before anything starts."""
+    if start not in START_METHODS:
+        raise NumabenchError(f"--start must be one of {', '.join(START_METHODS)}, not {start!r}")
 
 
 def why_exec(start: str, env: Mapping[str, str], framework_defaults: bool = False) -> str | None:
