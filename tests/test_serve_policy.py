@@ -137,6 +137,13 @@ def test_request_checks_are_shared_and_name_the_problem():
     ids, mask = requests.check_arrays({"input_ids": np.ones(5, np.int32)}, vocab_size=10,
                                       max_positions=8, allow_1d=True)
     assert ids.shape == (1, 5) and ids.dtype == np.int64 and mask is None
+    # the daemon queues requests as sent, widened only when dispatched
+    small = {"input_ids": np.ones((2, 5), np.int8), "attention_mask": np.ones((2, 5), np.bool_)}
+    ids, mask = requests.check_arrays(small, vocab_size=10, max_positions=8, widen=False)
+    assert ids.dtype == np.int8 and mask.dtype == np.bool_
+    with pytest.raises(requests.RequestError, match="vocabulary"):  # would wrap negative as int64
+        requests.check_arrays({"input_ids": np.full((1, 2), 2**63, np.uint64)}, vocab_size=None,
+                              max_positions=8, widen=False)
     for arrays, match in (({"input_ids": np.ones(5, np.int32)}, "batch, seq"),
                           ({"input_ids": np.ones((1, 9), np.int64)}, "positions"),
                           ({"input_ids": np.full((1, 3), 10)}, "vocabulary"),

@@ -130,8 +130,11 @@ def infer(daemon: Any, envelope: list[bytes], rid: Any, head: dict[str, Any],
 
 def inputs(head: dict[str, Any], arrays: dict[str, np.ndarray], *, tokenizer: Any, model: str,
            max_rows: int, max_positions: int | None, vocab_size: int | None
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Checked (input_ids, attention_mask), int64 (rows, seq), from arrays or texts."""
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Checked (input_ids, attention_mask or None: all ones), (rows, seq), from arrays or texts.
+
+    Arrays stay as sent (an int8 request queues as int8, not as two int64 copies 16 times its
+    size): a full queue of large requests must not multiply the daemon's memory."""
     texts = head.get("texts")
     if texts is not None:
         if arrays:
@@ -140,9 +143,8 @@ def inputs(head: dict[str, Any], arrays: dict[str, np.ndarray], *, tokenizer: An
         if tokenizer is None:
             raise requests.RequestError(f"model {model!r} has no tokenizer; send input_ids")
         return requests.tokenize(tokenizer, texts, max_length=max_positions or 512)
-    ids, mask = requests.check_arrays(arrays, vocab_size=vocab_size, max_positions=max_positions,
-                                      max_rows=max_rows, allow_1d=True)
-    return ids, (np.ones(ids.shape, dtype=np.int64) if mask is None else mask)
+    return requests.check_arrays(arrays, vocab_size=vocab_size, max_positions=max_positions,
+                                 max_rows=max_rows, allow_1d=True, widen=False)
 
 
 COMMANDS = {wire.INFER: infer, wire.STATUS: status, wire.PING: ping, wire.STOP: stop,

@@ -24,8 +24,8 @@ class Request:
     envelope: list[bytes]
     rid: Any
     want: str
-    ids: np.ndarray  # (rows, seq) int64
-    mask: np.ndarray
+    ids: np.ndarray  # (rows, seq), any integer type: widened to int64 only when dispatched
+    mask: np.ndarray | None  # None: every position counts
     pool: str
     arrived_ns: int
     queued_ns: int = 0

@@ -583,7 +583,7 @@ class Daemon:
         return self.phase is Phase.SERVING
 
     def submit(self, envelope: list[bytes], rid: Any, want: str, ids: np.ndarray,
-               mask: np.ndarray) -> None:
+               mask: np.ndarray | None) -> None:
         """Route a checked INFER to its pool: queued (then dispatched), busy, or an error."""
         seq = int(ids.shape[1])
         spec = route([p.spec for p in self.pools.values()], seq)
@@ -651,7 +651,7 @@ class Daemon:
         row = 0
         for r in batch:
             ids[row:row + r.rows, :r.seq] = r.ids
-            mask[row:row + r.rows, :r.seq] = r.mask
+            mask[row:row + r.rows, :r.seq] = 1 if r.mask is None else r.mask
             row += r.rows
         self._next_req += 1
         d = Dispatch(self._next_req, inst.id, batch, target, time.monotonic_ns())

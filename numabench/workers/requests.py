@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 INPUT_ARRAYS = ("input_ids", "attention_mask")
+INT64_MAX = int(np.iinfo(np.int64).max)  # a uint64 id above it would wrap negative when widened
 MAX_TEXT_CHARS = 100_000
 
 
@@ -37,10 +38,12 @@ def check_seq(seq: int, max_positions: int | None) -> None:
 
 def check_arrays(arrays: Mapping[str, np.ndarray], *, vocab_size: int | None,
                  max_positions: int | None, max_rows: int | None = None,
-                 allow_1d: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                 allow_1d: bool = False, widen: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(input_ids, attention_mask or None) as int64 (rows, seq), or RequestError.
 
-    `allow_1d`: a (seq,) array is one row (the client API allows it; a RUN does not)."""
+    `allow_1d`: a (seq,) array is one row (the client API allows it; a RUN does not).
+    `widen=False` keeps the arrays as sent (checked, any integer type that int64 holds): the
+    daemon queues them compactly and widens only into the padded batch it dispatches."""
     extra = sorted(set(arrays) - set(INPUT_ARRAYS))
     if extra:
         raise RequestError(f"unexpected arrays {extra}; send {', '.join(INPUT_ARRAYS)}")
@@ -56,7 +59,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], *, vocab_size: int | None,
         raise RequestError(f"{ids.shape[0]} rows exceed the limit of {max_rows} per request")
     check_seq(int(ids.shape[1]), max_positions)
     lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+    if lo < 0 or hi > INT64_MAX or (vocab_size is not None and hi >= vocab_size):
         raise RequestError(f"token ids span [{lo}, {hi}], outside the vocabulary "
                            f"[0, {vocab_size if vocab_size is not None else '?'})")
     mask = arrays.get("attention_mask")
@@ -66,8 +69,9 @@ def check_arrays(arrays: Mapping[str, np.ndarray], *, vocab_size: int | None,
         if mask.shape != ids.shape or mask.dtype.kind not in "iub":
             raise RequestError(f"attention_mask must be integers shaped like input_ids "
                                f"{list(ids.shape)}, got {mask.dtype} {list(mask.shape)}")
-        mask = mask.astype(np.int64, copy=False)
-    return ids.astype(np.int64, copy=False), mask
+        if widen:
+            mask = mask.astype(np.int64, copy=False)
+    return (ids.astype(np.int64, copy=False) if widen else ids), mask
 
 
 def tokenize(tokenizer: Any, texts: list[str], *, max_length: int,
