@@ -29,14 +29,17 @@ demo: install
 	$(VENV)/bin/numabench topology
 	$(VENV)/bin/numabench launch --instances 2 --batch 2 --seq 128 --model bert-base-cased --iterations 20
 
-# One pytest-xdist worker per usable CPU; whole files per worker (--dist loadfile), so a module's
-# fixtures (a pool of workers, an ONNX export, a Ray cluster) start once. Two per CPU ran 10%
-# faster on the 2-vCPU dev VM but the extra load made timing-sensitive real-process tests flaky
-# (a 3-against-3 compare of real runs lost its verdict to one stalled run). TEST_JOBS=0: no xdist.
-TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# Two pytest-xdist workers per usable CPU; whole files per worker (--dist loadfile), so a module's
+# fixtures (a pool of workers, an ONNX export, a Ray cluster) start once. Many tests wait on real
+# processes (start-up, signals, a daemon's reply): with one worker per CPU a third of the CPU time
+# went idle; two per CPU keep both CPUs of the 2-vCPU dev VM busy (1.9 of 2). TEST_JOBS=0: no xdist.
+TEST_JOBS ?= $(shell echo $$(( 2 * $$(nproc 2>/dev/null || echo 1) )))
 
+# Bytecode on, even where the environment turns it off: hundreds of short numabench processes
+# (launchers, fork servers, workers) would each compile the package from source, and every xdist
+# worker would rewrite every test module again.
 test: install
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check numabench tests benchmarks

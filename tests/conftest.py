@@ -24,10 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can import 
 def session_cache(tmp_path_factory) -> Path:
     """XDG_CACHE_HOME for the whole session: the ONNX cache ($XDG_CACHE_HOME/numabench/onnx) and
     the weights cache are filled once per session (bert-tiny exported once, then hits), never
-    read from or left in the user's ~/.cache, and private to each xdist worker. Tests about the
+    read from or left in the user's ~/.cache, and shared by the run's xdist workers. Tests about the
     cache itself still give their own folder (--cache-dir, monkeypatch.setenv)."""
     old = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = tmp_path_factory.mktemp("xdg-cache")
+    # One folder for all xdist workers of this run (the caches lock each entry, as they do for
+    # two launches at once): bert-tiny's weights and ONNX files are built once per run, not per worker.
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdg-cache"
+    folder.mkdir(exist_ok=True)
     mp = pytest.MonkeyPatch()
     # matplotlib keeps its font cache there too: keep using the built one (a rebuild costs seconds).
     if "MPLCONFIGDIR" not in os.environ and os.path.isdir(os.path.join(old, "matplotlib")):

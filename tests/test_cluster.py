@@ -67,8 +67,9 @@ def cluster():
     old = os.environ.get("RAY_memory_monitor_refresh_ms")
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
     # The head schedules nothing of ours (no host resource): the driver's side of the cluster.
+    # No CPUs there either, so Ray starts no idle worker processes on it.
     c = Cluster(initialize_head=True, connect=True,
-                head_node_args=dict(NODE, include_dashboard=False, resources={"driver": 1}))
+                head_node_args=dict(NODE, num_cpus=0, include_dashboard=False, resources={"driver": 1}))
     hosts = [c.add_node(**NODE, resources={HOST_RESOURCE: 1}) for _ in range(2)]
     c.wait_for_nodes()
     try:

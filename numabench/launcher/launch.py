@@ -239,7 +239,7 @@ class _Run:
                 options={**w.backend_options,
                          **(self.prepared.options_for(inst.memory_nodes) if self.prepared else {}),
                          **({"pin_threads": True} if w.backend == "onnxruntime" and self.threading.pin else {})},
-                io_cpus=io_cpus)
+                io_cpus=io_cpus, tokenizer=bool(w.text_file))
             self.startup[inst.id] = {"spawned_ns": time.monotonic_ns()}
             started = spawn.start_instance(group, binder, inst, cfg, preload, threading=self.threading,
                                            set_threads=not self.opts.framework_defaults, fork=fork)

@@ -38,7 +38,7 @@ def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str
                   seed: int, pin_self: bool, timeout_s: float,
                   warmup_shapes: Iterable[tuple[int, int]], warmup_iterations: int,
                   options: Mapping[str, Any] | None = None, set_threads: bool = True,
-                  io_cpus: tuple[int, ...] | None = None) -> WorkerConfig:
+                  io_cpus: tuple[int, ...] | None = None, tokenizer: bool = False) -> WorkerConfig:
     """The config of the worker that runs `inst` (its seed offset by the instance id, so
     instances draw different random inputs from one run seed). `set_threads` False: threads 0,
     the framework keeps its own default count."""
@@ -47,7 +47,8 @@ def worker_config(inst: InstancePlan, *, endpoint: str, model: str, backend: str
         threads=inst.threads if set_threads else 0, cpus=tuple(inst.cpus), pin_self=pin_self,
         warmup=WarmupSpec(shapes=tuple((int(b), int(s)) for b, s in warmup_shapes),
                           iterations=warmup_iterations),
-        seed=seed + inst.id, options=dict(options or {}), timeout_s=timeout_s, io_cpus=io_cpus)
+        seed=seed + inst.id, options=dict(options or {}), timeout_s=timeout_s, io_cpus=io_cpus,
+        tokenizer=tokenizer)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ class WorkerConfig:
     # A worker forked from a fork server binds its framework threads one per CPU itself, after
     # warm-up: OMP_PLACES was read when its parent imported torch (exec'd workers get it set).
     pin_threads: bool = False
+    # Load the model's tokenizer: the run sends texts (launch --text). Serve tokenizes in the
+    # daemon, and ids need none: loading one costs seconds of start-up per worker.
+    tokenizer: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> WorkerConfig:
@@ -95,6 +98,9 @@ class WorkerConfig:
             raise ConfigError(f"pin_threads must be true or false, got {pin_threads!r}")
         if pin_threads and cpus is None:
             raise ConfigError("pin_threads needs cpus")
+        tokenizer = raw.get("tokenizer", False)
+        if not isinstance(tokenizer, bool):
+            raise ConfigError(f"tokenizer must be true or false, got {tokenizer!r}")
         timeout_s = raw.get("timeout_s", cls.timeout_s)
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
             raise ConfigError(f"timeout_s must be a positive number, got {timeout_s!r}")
@@ -103,7 +109,7 @@ class WorkerConfig:
             precision=precision, threads=_int(raw, "threads", minimum=0, default=1), cpus=cpus,
             pin_self=pin_self, warmup=_warmup(raw.get("warmup")),
             seed=_int(raw, "seed", minimum=0, default=0), options=dict(options),
-            timeout_s=float(timeout_s), io_cpus=io_cpus, pin_threads=pin_threads)
+            timeout_s=float(timeout_s), io_cpus=io_cpus, pin_threads=pin_threads, tokenizer=tokenizer)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object `from_dict` reads back (round-trips)."""
@@ -115,7 +121,7 @@ class WorkerConfig:
                        "iterations": self.warmup.iterations},
             "seed": self.seed, "options": dict(self.options), "timeout_s": self.timeout_s,
             "io_cpus": list(self.io_cpus) if self.io_cpus is not None else None,
-            "pin_threads": self.pin_threads,
+            "pin_threads": self.pin_threads, "tokenizer": self.tokenizer,
         }
 
     def to_json(self) -> str:

@@ -352,7 +352,7 @@ class Worker:
         hold = getattr(self.backend, "hold_modes", None)
         if hold is not None:
             hold()
-        if spec.has_tokenizer is not False:
+        if cfg.tokenizer and spec.has_tokenizer is not False:
             self.tokenizer = models.load_tokenizer(spec)
         info = self.backend.info()
         model_info = info.get("model", {})
@@ -405,7 +405,8 @@ class Worker:
                 "vocab_size": self.vocab_size, "max_positions": self.max_positions,
                 "hidden_size": model_info.get("hidden_size"), "layers": model_info.get("layers"),
                 "parameters": model_info.get("parameters"),
-                "has_tokenizer": self.tokenizer is not None,
+                "has_tokenizer": True if self.tokenizer is not None else spec.has_tokenizer,
+                "tokenizer_loaded": self.tokenizer is not None,
                 "precision": cfg.precision, "backend": cfg.backend,
             },
             "backend_info": {k: v for k, v in info.items() if k not in ("threads", "model")},
@@ -498,7 +499,10 @@ class Worker:
         if not _is_int(seq) or seq <= 0:
             raise RequestError(f"texts need seq, a positive integer, got {seq!r}")
         if self.tokenizer is None:
-            raise RequestError(f"model {self.config.model!r} has no tokenizer; send input_ids instead")
+            if self.config.tokenizer or self.spec.has_tokenizer is False:
+                raise RequestError(f"model {self.config.model!r} has no tokenizer; send input_ids instead")
+            raise RequestError("this worker was started without its tokenizer (its run sends token "
+                               "ids); send input_ids instead")
         requests.check_seq(seq, self.max_positions)
         ids, mask = requests.tokenize(self.tokenizer, texts, max_length=seq, padding="max_length")
         return {"input_ids": ids, "attention_mask": mask}

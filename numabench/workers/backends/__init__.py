@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from numabench.errors import NumabenchError
@@ -183,6 +184,8 @@ def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[st
                            warnings=list(shared.warnings) + ([why] if why else []),
                            node_options={n: {"weights_path": p} for n, p in shared.paths.items()},
                            temporary=shared.temporary)
+    if backend == "pytorch" and share_weights is False:
+        _remove_stale_weights_copies(weights_dir, log)
     if backend != "onnxruntime" or options.get("model_path"):
         return None
     from numabench.workers.backends.onnx_cache import prepare_onnx
@@ -196,6 +199,18 @@ def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[st
         warnings.append(why)
     return Preparation(options={"model_path": str(prepared.path)}, record=record,
                        warnings=warnings)
+
+
+def _remove_stale_weights_copies(weights_dir: str | None, log: Callable[[str], None] | None) -> None:
+    """A run that does not share still removes the tmpfs copies of killed runs (they hold RAM
+    until someone does); best effort: an unreadable folder is not this run's failure."""
+    import contextlib
+
+    from numabench.workers.backends import shared_weights as sw
+
+    folder = Path(weights_dir) if weights_dir else sw.default_copies_dir()
+    with contextlib.suppress(OSError):
+        sw.remove_copies(sw.remove_stale_copies(folder, log))  # and the folder, when emptied
 
 
 def release_preparation(prepared: Preparation | None) -> None:
