@@ -111,7 +111,8 @@ def test_a_cpu_hog_on_the_plan_cpu_is_recorded_in_the_results(tmp_path):
         out = tmp_path / "results.json"
         r = subprocess.run([sys.executable, "-m", "numabench", "launch", "--instances", "1", "--batch", "1",
                             "--seq", "8", "--backend", "noop", "--model", "bert-tiny", "--cpus", str(cpu),
-                            "--mode", "throughput", "--duration", "2", "--run-dir", str(tmp_path / "run"),
+                            "--mode", "throughput", "--duration", "1", "--compute-us", "1000",
+                            "--run-dir", str(tmp_path / "run"),
                             "-o", str(out)], capture_output=True, text=True, timeout=240)
         hog_cpu_s = sum(psutil.Process(hog.pid).cpu_times()[:2])
     finally:
