@@ -32,14 +32,16 @@ demo: install
 # Two pytest-xdist workers per usable CPU; whole files per worker (--dist loadfile), so a module's
 # fixtures (a pool of workers, an ONNX export, a Ray cluster) start once. Many tests wait on real
 # processes (start-up, signals, a daemon's reply): with one worker per CPU a third of the CPU time
-# went idle; two per CPU keep both CPUs of the 2-vCPU dev VM busy (1.9 of 2). TEST_JOBS=0: no xdist.
+# went idle; two per CPU keep both CPUs of the 2-vCPU dev VM busy (1.9 of 2). Files go out in
+# the order tests/conftest.py gives them, longest first (xdist would order them by test count, and
+# a long file started last is the suite's tail). TEST_JOBS=0: no xdist.
 TEST_JOBS ?= $(shell echo $$(( 2 * $$(nproc 2>/dev/null || echo 1) )))
 
 # Bytecode on, even where the environment turns it off: hundreds of short numabench processes
 # (launchers, fork servers, workers) would each compile the package from source, and every xdist
 # worker would rewrite every test module again.
 test: install
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check numabench tests benchmarks

@@ -2,6 +2,7 @@
 each advertising `numabench_host: 1`; noop workers, a few iterations each."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -14,7 +15,10 @@ import time
 import psutil
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'numabench[ray]')")
+# find_spec, not importorskip: every xdist worker collects this file, and importing Ray takes
+# half a second of CPU each time; the cluster fixture imports it.
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("Ray is not installed (pip install 'numabench[ray]')", allow_module_level=True)
 pytestmark = pytest.mark.ray
 
 from numabench.cluster import HOST_RESOURCE  # noqa: E402
@@ -60,6 +64,7 @@ def test_no_cluster_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
+    import ray
     from ray.cluster_utils import Cluster
 
     # Ray's memory monitor would kill our tiny workers when *other* work fills this shared
