@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_procs import assert_all_gone, descendants, start_cli, wait_for_line
-from test_shared_weights import _check_memory_records
+from test_shared_weights import check_memory_records
 
 from numabench.results import RESULTS_SCHEMA, RESULTS_VERSION, samples_from_columns, summarize
 
@@ -66,7 +66,7 @@ def test_two_instances_tiny_model_end_to_end(tmp_path):
     shared = doc["environment"]["backend"]["shared_weights"]
     copy = shared["copies"][0]["path"]
     if shared["placement"] == "tmpfs":
-        _check_memory_records(doc, copy)
+        check_memory_records(doc, copy)
         assert not os.path.exists(copy)
 
 

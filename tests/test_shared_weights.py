@@ -279,7 +279,7 @@ def _wait_for(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"{needle!r} not in {path}")
 
 
-def _check_memory_records(doc: dict, copy: str) -> None:
+def check_memory_records(doc: dict, copy: str) -> None:
     record = doc["environment"]["backend"]["shared_weights"]
     assert record["placement"] == "tmpfs" and record["copies"][0]["path"] == copy
     for inst in doc["instances"].values():
@@ -323,7 +323,7 @@ def test_launch_maps_the_nodes_copy_then_removes_it(tmp_path, shm_dir):
     assert proc.returncode == 130, err
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["status"] == "interrupted" and doc["workload"]["share_weights"] is True
-    _check_memory_records(doc, str(copies[0]))
+    check_memory_records(doc, str(copies[0]))
     assert not copies[0].exists() and not shm_dir.exists()
 
 

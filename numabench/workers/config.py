@@ -88,19 +88,10 @@ class WorkerConfig:
             if not isinstance(io_cpus, list) or not io_cpus or not all(_is_int(c) and c >= 0 for c in io_cpus):
                 raise ConfigError(f"io_cpus must be a non-empty list of CPU numbers or null, got {io_cpus!r}")
             io_cpus = tuple(sorted(set(io_cpus)))
-        pin_self = raw.get("pin_self", False)
-        if not isinstance(pin_self, bool):
-            raise ConfigError(f"pin_self must be true or false, got {pin_self!r}")
-        if pin_self and cpus is None:
-            raise ConfigError("pin_self needs cpus")
-        pin_threads = raw.get("pin_threads", False)
-        if not isinstance(pin_threads, bool):
-            raise ConfigError(f"pin_threads must be true or false, got {pin_threads!r}")
-        if pin_threads and cpus is None:
-            raise ConfigError("pin_threads needs cpus")
-        tokenizer = raw.get("tokenizer", False)
-        if not isinstance(tokenizer, bool):
-            raise ConfigError(f"tokenizer must be true or false, got {tokenizer!r}")
+        pin_self, pin_threads, tokenizer = (_bool(raw, k) for k in ("pin_self", "pin_threads", "tokenizer"))
+        for key, on in (("pin_self", pin_self), ("pin_threads", pin_threads)):
+            if on and cpus is None:
+                raise ConfigError(f"{key} needs cpus")
         timeout_s = raw.get("timeout_s", cls.timeout_s)
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
             raise ConfigError(f"timeout_s must be a positive number, got {timeout_s!r}")
@@ -138,6 +129,13 @@ def _int(raw: Mapping[str, Any], key: str, minimum: int, default: int | None = N
     value = raw.get(key, default)
     if not _is_int(value) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(raw: Mapping[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
 
 
