@@ -184,8 +184,9 @@ def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[st
                            warnings=list(shared.warnings) + ([why] if why else []),
                            node_options={n: {"weights_path": p} for n, p in shared.paths.items()},
                            temporary=shared.temporary)
-    if backend == "pytorch" and share_weights is False:
-        _remove_stale_weights_copies(weights_dir, log)
+    # Every run, whatever its backend, removes the tmpfs copies that killed runs left (they hold
+    # RAM until someone does); prepare_shared_weights above does it for the runs that share.
+    _remove_stale_weights_copies(weights_dir, log)
     if backend != "onnxruntime" or options.get("model_path"):
         return None
     from numabench.workers.backends.onnx_cache import prepare_onnx
@@ -202,8 +203,8 @@ def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[st
 
 
 def _remove_stale_weights_copies(weights_dir: str | None, log: Callable[[str], None] | None) -> None:
-    """A run that does not share still removes the tmpfs copies of killed runs (they hold RAM
-    until someone does); best effort: an unreadable folder is not this run's failure."""
+    """Remove the tmpfs copies of killed runs; best effort: an unreadable folder is not this run's
+    failure."""
     import contextlib
 
     from numabench.workers.backends import shared_weights as sw
