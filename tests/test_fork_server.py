@@ -148,7 +148,8 @@ def test_pin_framework_threads_binds_the_busy_thread_and_leaves_the_idle_one():
 
 
 def test_a_server_answers_hostile_requests_and_still_forks(tmp_path):
-    """Whatever reaches its stdin, the server refuses what is not a fork request and carries on."""
+    """Whatever reaches its stdin, the server refuses what is not a fork or build request and
+    carries on."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
     from test_worker_process import Coordinator
@@ -160,7 +161,11 @@ def test_a_server_answers_hostile_requests_and_still_forks(tmp_path):
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
         @given(st.one_of(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b" ")),
                          st.just(b'{"op": "fork"}'), st.just(b"[1, 2]"), st.just(b'{"op": "fork", "config": {},'
-                                                                                  b' "env": {"A": 1}, "log": "x"}')))
+                                                                                  b' "env": {"A": 1}, "log": "x"}'),
+                         st.just(b'{"op": "build_weights", "model": "bert-tiny", "path": "w", "log": "x"}'),
+                         st.just(b'{"op": "build_weights", "model": "bert-tiny", "seed": true, "path": "w",'
+                                 b' "log": "x"}'),
+                         st.just(b'{"op": "build_weights", "model": 1, "seed": 0, "path": "w", "log": "x"}')))
         def hostile(line):
             server.proc.stdin.write(line + b"\n")
             server.proc.stdin.flush()
@@ -168,6 +173,11 @@ def test_a_server_answers_hostile_requests_and_still_forks(tmp_path):
             assert reply is not None and reply["op"] == "refused", reply
 
         hostile()
+        # A build that fails in the server's child: None (the launcher builds it itself), the
+        # child's error in the log it was given, no file.
+        weights, log = tmp_path / "w.safetensors", tmp_path / "build.log"
+        assert server.build_weights("no-such-model", 0, weights, log, timeout_s=60) is None
+        assert "unknown model 'no-such-model'" in log.read_text() and not weights.exists()
         proc = coord.fork(server, 0)
         ident, head, _ = coord.recv(timeout_s=30)
         assert (ident, head["type"]) == (0, "HELLO") and head["pid"] == proc.pid

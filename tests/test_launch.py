@@ -29,8 +29,10 @@ def launch(*args, env=None, timeout=240):
 @TWO_CPUS
 def test_two_instances_tiny_model_end_to_end(tmp_path):
     out = tmp_path / "results.json"
+    # An empty weights cache: the fork server's child writes the file (no torch in the launcher).
     r = launch("--instances", "2", "--batch", "4", "--seq", "16", "--model", "bert-tiny",
-               "--iterations", "6", "--warmup", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out))
+               "--iterations", "6", "--warmup", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out),
+               env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert r.returncode == 0, r.stderr
     assert "throughput:" in r.stdout and "samples/s over the common window" in r.stdout
     doc = json.loads(out.read_text())
@@ -64,6 +66,9 @@ def test_two_instances_tiny_model_end_to_end(tmp_path):
     # bert-tiny's weights are shared by default: one copy per node, mapped by both instances
     # from ready to the end of measuring, removed after the run
     shared = doc["environment"]["backend"]["shared_weights"]
+    (server,) = doc["environment"]["start"]["servers"]
+    assert shared["cache"] == "miss" and shared["built_by"] == f"fork server {server['pid']}"
+    assert f"by fork server {server['pid']}" in log
     copy = shared["copies"][0]["path"]
     if shared["placement"] == "tmpfs":
         check_memory_records(doc, copy)

@@ -156,9 +156,11 @@ def test_cache_rebuilds_corrupt_entries_and_kept_copies(cache_dir, shm_dir):
     from numabench.workers.models import resolve_model
 
     spec = resolve_model("bert-tiny")
+    # A builder that could not (returns None): this process builds the file itself.
     first = sw.prepare_shared_weights(spec, 7, [(0,)], cache_dir=cache_dir, copies_dir=shm_dir,
-                                      keep=True)
+                                      keep=True, builder=lambda *_: None)
     assert first.record["placement"] == "tmpfs" and first.temporary == ()
+    assert first.record["built_by"] == f"pid {os.getpid()}"
     (copy,) = first.paths.values()
     hit = sw.prepare_shared_weights(spec, 7, [(0,)], cache_dir=cache_dir, copies_dir=shm_dir, keep=True)
     assert hit.record["cache"] == "hit" and hit.record["copies"][0]["cache"] == "reused"
@@ -168,9 +170,16 @@ def test_cache_rebuilds_corrupt_entries_and_kept_copies(cache_dir, shm_dir):
         data = bytearray(path.read_bytes())
         data[-1] ^= 0xFF
         path.write_bytes(bytes(data))
+    built = []
+
+    def builder(spec, seed, path):  # as a fork server's child does it: the file, then who
+        built.append(sw.build_file(spec, seed, path))
+        return "the test's builder"
+
     again = sw.prepare_shared_weights(spec, 7, [(0,)], cache_dir=cache_dir, copies_dir=shm_dir,
-                                      keep=True)
-    assert again.record["cache"] == "rebuilt"
+                                      keep=True, builder=builder)
+    assert again.record["cache"] == "rebuilt" and again.record["built_by"] == "the test's builder"
+    assert built == [again.record["file_bytes"]]
     assert again.record["rebuilt_reason"] == "corrupt: checksum mismatch"
     assert again.record["copies"][0]["cache"] == "rewritten (corrupt)"
     assert sw.file_sha256(Path(copy)) == sw.file_sha256(entry) == first.record["sha256"]

@@ -138,6 +138,30 @@ class ForkServer:
                                   f"{reply!r} (log: {self.log_path})")
         return Forked(self, reply["pid"])
 
+    def build_weights(self, model: str, seed: int, path: Path, log_path: Path,
+                      timeout_s: float) -> str | None:
+        """Have a child of this server (torch already imported) write the weights cache file;
+        who built it, or None when it did not (the caller builds it itself: the same error, if
+        any, then reaches the user from there; this one is in `log_path`)."""
+        req = {"op": "build_weights", "model": model, "seed": seed, "path": str(path),
+               "log": str(log_path)}
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        reply = self._next_reply(30.0)
+        if reply is None or reply.get("op") != "forked" or not isinstance(reply.get("pid"), int):
+            return None
+        code = self.exit_code(reply["pid"], timeout_s)
+        if code is None:  # still building after timeout_s: stop it, build here
+            try:
+                os.killpg(reply["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return None
+        return f"fork server {self.pid}" if code == 0 else None
+
     def lost(self, pid: int) -> bool:
         """True when the server ended without saying how `pid` did (its code is LOST)."""
         return self._eof and pid not in self._exits

@@ -24,7 +24,7 @@ from typing import Any
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
 from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
-from numabench.launcher import binding, placement, spawn
+from numabench.launcher import binding, forkserver, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.measure import Limits, Measurement, make_payloads, measure
 from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
@@ -198,9 +198,10 @@ class _Run:
             self.warnings.append(f"CPU frequency governor is {', '.join(slow)}, not performance: "
                                  "timings may vary with frequency scaling")
 
-    def prepare_backend(self) -> None:
+    def prepare_backend(self, group: ProcessGroup | None = None) -> None:
         """Once per run, before any worker starts: the ONNX export (or cache check) and its
-        agreement with PyTorch. Done here so 16 instances share one export and none times it."""
+        agreement with PyTorch, or the weights file and its per-node copies. Done here so 16
+        instances share one export and none times it."""
         from numabench.workers.backends import prepare_backend
         from numabench.workers.models import resolve_model
 
@@ -211,9 +212,32 @@ class _Run:
             log=self.log, share_weights=w.share_weights,
             node_sets=tuple({tuple(sorted(i.memory_nodes)) for i in self.plan.instances}),
             weights_dir=self.opts.weights_dir, keep_weights=self.opts.keep_weights,
-            weights_cache_dir=self.opts.weights_cache_dir)
+            weights_cache_dir=self.opts.weights_cache_dir,
+            weights_builder=self._weights_builder(group))
         if self.prepared is not None:
             self.warnings.extend(self.prepared.warnings)
+
+    def _weights_builder(self, group: ProcessGroup | None) -> Callable[[Any, int, Path], str | None] | None:
+        """On a weights cache miss, the first instance's fork server (started now rather than at
+        spawn, which then reuses it) writes the file, so the launcher never imports torch for it;
+        None where workers are exec'd (the launcher builds it, as before)."""
+        fork, _ = self.start_method()
+        if group is None or fork is None or self.workload.backend != "pytorch":
+            return None
+        inst = self.plan.instances[0]
+
+        def build(spec: Any, seed: int, path: Path) -> str | None:
+            env, _, _ = binding.worker_env(dict(os.environ), inst, self.preload, self.threading,
+                                           set_threads=not self.opts.framework_defaults)
+            try:  # the same server (key) spawn asks for: same instance, same environment
+                server = spawn.fork_server(group, self.binder, inst, env, fork)
+            except forkserver.ForkServerError:
+                return None  # spawn tries again, and says why workers are exec'd
+            if server is None:
+                return None
+            return server.build_weights(self.workload.model, seed, path,
+                                        group.run_dir / "weights-build.log", fork.timeout_s)
+        return build
 
     def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
         binder, preload, governors = self.binder, self.preload, self.governors
@@ -529,7 +553,7 @@ def _run_once(machine: Machine, plan: Plan, workload: Workload, opts: LaunchOpti
         try:
             with ProcessGroup(run.run_dir) as group, Coordinator(group, opts.transport) as coord:
                 try:
-                    run.prepare_backend()
+                    run.prepare_backend(group)
                     run.spawn(group, coord)
                     unpin = run.place_coordinator()
                     run.wait_ready(coord)

@@ -7,7 +7,10 @@ those pages copy-on-write and start in a fraction of a second.
 
 Protocol (JSON lines): the launcher writes {"op": "fork", "instance", "config", "env", "log"}
 on stdin and reads {"op": "forked", "instance", "pid"}; whenever a worker ends, the server
-writes {"op": "exit", "pid", "code"} (code as Popen's returncode: negative for a signal). On
+writes {"op": "exit", "pid", "code"} (code as Popen's returncode: negative for a signal).
+{"op": "build_weights", "model", "seed", "path", "log"} forks a child that writes the model's
+weights cache file (shared_weights.build_file) and exits 0, or 1 with its traceback in the log:
+on a cache miss the launcher need not import torch as well (4-5 CPU-seconds). On
 EOF, SIGTERM, SIGHUP or SIGINT the server stops its workers (SIGTERM, a grace period, SIGKILL)
 and exits; the workers also get SIGTERM from the kernel when it dies.
 
@@ -59,8 +62,21 @@ def preimport(backend: str, model: str | None) -> None:
         from numabench.workers.backends import onnxruntime as _ort  # noqa: F401
 
 
-def _child(req: dict, server_pid: int, inherited: list[int]) -> int:
-    """In the forked child: become a worker exactly as an exec'd one would start."""
+def _build_weights(req: dict, inherited: list[int]) -> int:
+    """In the forked child: write the weights cache file, then exit (never a worker)."""
+    from pathlib import Path
+
+    from numabench.workers import models
+    from numabench.workers.backends import shared_weights
+
+    _detach(req, inherited)
+    worker_mod.set_parent_death_signal()  # a stopped server's build is not finished alone
+    shared_weights.build_file(models.resolve_model(req["model"]), req["seed"], Path(req["path"]))
+    return 0
+
+
+def _detach(req: dict, inherited: list[int]) -> None:
+    """A forked child's own session, default signals, and its log as stdout/stderr."""
     os.setsid()  # its own process group, as start_new_session gives an exec'd worker
     signal.set_wakeup_fd(-1)
     for sig in (*STOP_SIGNALS, signal.SIGCHLD):
@@ -78,6 +94,11 @@ def _child(req: dict, server_pid: int, inherited: list[int]) -> int:
     sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def _child(req: dict, server_pid: int, inherited: list[int]) -> int:
+    """In the forked child: become a worker exactly as an exec'd one would start."""
+    _detach(req, inherited)
     os.environ.clear()
     os.environ.update({**req["env"], "NUMABENCH_PARENT_PID": str(server_pid)})
     # no gc.unfreeze(): a full collection would then write to every inherited object's page
@@ -101,9 +122,11 @@ class Server:
     def fork(self, req: dict) -> None:
         pid = os.fork()
         if pid == 0:
-            code = 3
+            code = 3 if req["op"] == "fork" else 1
             try:
-                code = _child(req, os.getppid(), [self.wake_r, self.wake_w])
+                inherited = [self.wake_r, self.wake_w]
+                code = (_child(req, os.getppid(), inherited) if req["op"] == "fork"
+                        else _build_weights(req, inherited))
             except BaseException:  # noqa: BLE001 - a child must never return into the server loop
                 import traceback
 
@@ -118,16 +141,19 @@ class Server:
         self.say({"op": "forked", "instance": req.get("instance"), "pid": pid})
 
     def request(self, line: bytes) -> None:
-        """One line from the launcher; anything but a well-formed fork is answered, not obeyed."""
+        """One line from the launcher; anything but a well-formed request is answered, not obeyed."""
         try:
             req = json.loads(line)
-            ok = (isinstance(req, dict) and req.get("op") == "fork" and isinstance(req.get("config"), dict)
-                  and isinstance(req.get("env"), dict) and isinstance(req.get("log"), str)
-                  and all(isinstance(k, str) and isinstance(v, str) for k, v in req["env"].items()))
+            ok = isinstance(req, dict) and isinstance(req.get("log"), str) and (
+                (req.get("op") == "fork" and isinstance(req.get("config"), dict)
+                 and isinstance(req.get("env"), dict)
+                 and all(isinstance(k, str) and isinstance(v, str) for k, v in req["env"].items()))
+                or (req.get("op") == "build_weights" and isinstance(req.get("model"), str)
+                    and type(req.get("seed")) is int and isinstance(req.get("path"), str)))
         except ValueError:
             ok = False
         if not ok:
-            self.say({"op": "refused", "message": f"not a fork request: {line[:200]!r}"})
+            self.say({"op": "refused", "message": f"not a fork or build request: {line[:200]!r}"})
             return
         self.fork(req)
 

@@ -167,16 +167,20 @@ def prepare_backend(backend: str, spec: Any, precision: str, options: Mapping[st
                     seed: int = 0, log: Callable[[str], None] | None = None, *,
                     share_weights: bool = False, node_sets: tuple[tuple[int, ...], ...] = ((),),
                     weights_dir: str | None = None, keep_weights: bool = False,
-                    weights_cache_dir: str | None = None) -> Preparation | None:
+                    weights_cache_dir: str | None = None,
+                    weights_builder: Callable[[Any, int, Path], str | None] | None = None
+                    ) -> Preparation | None:
     """Once per run, in the launcher: onnxruntime exports (or reuses) its ONNX file and checks
     it against PyTorch on a check batch; pytorch with `share_weights` writes one weights file per
     set of memory nodes in `node_sets` (shared_weights.py). None when there is nothing to prepare.
-    The caller removes `temporary` files with `release_preparation` when the run ends."""
+    The caller removes `temporary` files with `release_preparation` when the run ends.
+    `weights_builder`: builds a missing weights cache file elsewhere (shared_weights.Builder)."""
     if backend == "pytorch" and share_weights and not options.get("weights_path"):
         from numabench.workers.backends.shared_weights import prepare_shared_weights
 
         shared = prepare_shared_weights(spec, seed, node_sets, cache_dir=weights_cache_dir,
-                                        copies_dir=weights_dir, keep=keep_weights, log=log)
+                                        copies_dir=weights_dir, keep=keep_weights, log=log,
+                                        builder=weights_builder)
         why = SHARE_WEIGHTS_WHY.get((backend, precision))
         record = {"shared_weights": {**shared.record, "shared": "partly" if why else "all",
                                      **({"not_shared_why": why} if why else {})}}

@@ -210,11 +210,26 @@ class CacheEntry:
     cache: str  # hit, miss, rebuilt
     rebuilt_reason: str | None
     build_s: float
+    built_by: str | None = None  # a miss: "fork server <pid>" or "pid <pid>" (this process)
+
+
+def build_file(spec: Any, seed: int, path: Path) -> int:
+    """Build the model and write its weights file (torch imported here): bytes written."""
+    from numabench.workers import models
+
+    return save_model_file(models.build_pytorch_model(spec, seed), path)
+
+
+# Builds the weights file elsewhere (a process that has imported torch already: the launcher's
+# fork server); returns who built it, or None when it could not and this process must.
+Builder = Callable[[Any, int, Path], "str | None"]
 
 
 def prepare_cache_entry(spec: Any, seed: int, cache_dir: str | os.PathLike | None = None,
-                        log: Callable[[str], None] | None = None) -> CacheEntry:
-    """The fp32 weights file on disk: reused when its key and sha256 match, else (re)built."""
+                        log: Callable[[str], None] | None = None,
+                        builder: Builder | None = None) -> CacheEntry:
+    """The fp32 weights file on disk: reused when its key and sha256 match, else (re)built, by
+    `builder` where given (still under this process's lock), else here."""
     say = log or (lambda _m: None)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     try:
@@ -236,9 +251,11 @@ def prepare_cache_entry(spec: Any, seed: int, cache_dir: str | os.PathLike | Non
                 return CacheEntry(path, sha, path.stat().st_size, "hit", None, 0.0)
             say(f"weights cache entry {path.name} unusable ({reason}); rebuilding")
         t0 = time.monotonic()
-        from numabench.workers import models
-
-        size = save_model_file(models.build_pytorch_model(spec, seed), path)
+        built_by = builder(spec, seed, path) if builder is not None else None
+        if built_by is None:
+            build_file(spec, seed, path)
+            built_by = f"pid {os.getpid()}"
+        size = path.stat().st_size
         sha = file_sha256(path)
         tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({
@@ -247,8 +264,8 @@ def prepare_cache_entry(spec: Any, seed: int, cache_dir: str | os.PathLike | Non
             indent=1, sort_keys=True, default=str) + "\n")
         os.replace(tmp, sidecar)
         build_s = time.monotonic() - t0
-        say(f"weights of {spec.name} written in {build_s:.2f} s: {path}")
-        return CacheEntry(path, sha, size, "rebuilt" if present else "miss", reason, build_s)
+        say(f"weights of {spec.name} written in {build_s:.2f} s by {built_by}: {path}")
+        return CacheEntry(path, sha, size, "rebuilt" if present else "miss", reason, build_s, built_by)
 
 
 # ---- the per-node copies ----
@@ -359,17 +376,18 @@ class SharedWeights:
 def prepare_shared_weights(spec: Any, seed: int, node_sets: Iterable[Sequence[int]], *,
                            cache_dir: str | os.PathLike | None = None,
                            copies_dir: str | os.PathLike | None = None, keep: bool = False,
-                           log: Callable[[str], None] | None = None) -> SharedWeights:
+                           log: Callable[[str], None] | None = None,
+                           builder: Builder | None = None) -> SharedWeights:
     say = log or (lambda _m: None)
     t0 = time.monotonic()
-    entry = prepare_cache_entry(spec, seed, cache_dir, say)
+    entry = prepare_cache_entry(spec, seed, cache_dir, say, builder)
     node_sets = sorted({tuple(sorted(n)) for n in node_sets})
     folder = Path(copies_dir) if copies_dir else default_copies_dir()
     warnings: list[str] = []
     record: dict[str, Any] = {
         "cache_file": str(entry.path), "sha256": entry.sha256, "file_bytes": entry.bytes,
         "cache": entry.cache, "rebuilt_reason": entry.rebuilt_reason,
-        "build_s": round(entry.build_s, 3)}
+        "build_s": round(entry.build_s, 3), "built_by": entry.built_by}
     if entry.rebuilt_reason:
         warnings.append(f"weights cache entry {entry.path.name} was unusable "
                         f"({entry.rebuilt_reason}); rebuilt")
