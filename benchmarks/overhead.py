@@ -1,8 +1,9 @@
 """numabench's own round-trip overhead: the no-op backend answers a batch 8 x seq 128 int64 shard.
 
 Overhead per request = coordinator end-to-end time - the worker's compute time, both measured by
-numabench itself, one request in flight (--inflight 1: a round trip per request, the cost that
-pipelining hides in throughput mode). Goal: <= 200 us at p50.
+numabench itself, one request in flight and one pass per request (--inflight 1 --loops 1: a
+round trip per pass, the cost that pipelining and loops hide in throughput mode, and that every
+`serve` request pays). Goal: <= 200 us at p50.
 
 Beside it, in the same run, the floor: a bare pyzmq ROUTER/DEALER echo of the same frames
 between two processes, the echo pinned to the worker's CPUs and the ROUTER side where numabench
@@ -75,7 +76,7 @@ def numabench_round(machine, plan, args) -> dict:
                         iterations=args.iterations, warmup=50)
     with tempfile.TemporaryDirectory() as tmp:
         doc = run_launch(machine, plan, workload, LaunchOptions(
-            run_dir=Path(tmp), transport=args.transport, progress=False, inflight=1,
+            run_dir=Path(tmp), transport=args.transport, progress=False, inflight=1, loops=1,
             io_threads_off_cores=args.io_threads_off_cores)).to_dict()
     return doc["summary"]
 

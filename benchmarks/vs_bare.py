@@ -77,13 +77,14 @@ def numabench_run(machine, plan, args) -> float:
                         iterations=args.iterations, warmup=args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         doc = run_launch(machine, plan, workload, LaunchOptions(
-            run_dir=Path(tmp), progress=False, inflight=args.inflight, omp_runtime=args.omp_runtime,
+            run_dir=Path(tmp), progress=False, inflight=args.inflight, loops=args.loops,
+            omp_runtime=args.omp_runtime,
             pin_threads=args.pin_threads, io_threads_off_cores=args.io_threads_off_cores)).to_dict()
     s, raw = doc["summary"], doc["raw"]
     busy = [sum(c for c, i in zip(raw["compute_ns"], raw["instance"]) if i == iid) / s["window_ns"]
             for iid in sorted(set(raw["instance"]))]
     DIAGNOSTICS.append({"compute_p50_ns": [p["compute"]["p50_ns"] for p in s["instances"].values()],
-                        "busy": busy})
+                        "busy": busy, "loops": (doc["environment"].get("loops") or {}).get("per_instance")})
     return s["throughput"]
 
 
@@ -92,6 +93,8 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=2)
     ap.add_argument("--cores-per-instance", type=int, help="default: the machine's cores split evenly")
     ap.add_argument("--inflight", type=int, default=2, help="numabench: requests outstanding per instance")
+    ap.add_argument("--loops", type=lambda v: None if v == "auto" else int(v), default=None,
+                    help="numabench: forward passes per request (default auto, numabench's own)")
     ap.add_argument("--omp-runtime", choices=["gnu", "intel"], default="gnu", help="both sides")
     ap.add_argument("--no-pin-threads", dest="pin_threads", action="store_false", help="both sides")
     ap.add_argument("--io-threads-on-worker-cpus", dest="io_threads_off_cores", action="store_false",
@@ -123,13 +126,14 @@ def main() -> int:
             bare.append(bare_run(plan, binder, threading, args))
         print(f"round {r + 1}: bare {bare[-1]:.2f} samples/s, numabench {nb[-1]:.2f} samples/s "
               f"(bare iteration p50 {min(BARE_ITERATION[-1]) / 1e3:.0f} us; numabench compute p50 "
-              f"{min(DIAGNOSTICS[-1]['compute_p50_ns']) / 1e3:.0f} us, busy "
+              f"{min(DIAGNOSTICS[-1]['compute_p50_ns']) / 1e3:.0f} us, loops {DIAGNOSTICS[-1]['loops']}, busy "
               f"{', '.join(f'{b:.2f}' for b in DIAGNOSTICS[-1]['busy'])})", flush=True)
     ratios = [n / b for n, b in zip(nb, bare)]
     ratio = statistics.median(ratios)
     figures = {"model": args.model, "instances": args.instances, "batch_per_instance": args.batch,
                "cpus_per_instance": len(first.cpus), "seq": args.seq, "iterations": args.iterations,
-               "binder": binder.name, "inflight": args.inflight, **threading.record(),
+               "binder": binder.name, "inflight": args.inflight, "loops": args.loops or "auto",
+               **threading.record(),
                "io_threads_off_cores": args.io_threads_off_cores,
                "bare": bare, "numabench": nb, "ratios": ratios,
                "ratio_of_medians": statistics.median(nb) / statistics.median(bare),

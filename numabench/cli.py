@@ -272,6 +272,27 @@ inflight_option = click.option(
          "next input waiting and computes back to back; 1 = one round trip between requests.")
 
 
+
+def _loops(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    from numabench.workers.protocol import MAX_LOOPS
+
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_LOOPS:
+        raise click.BadParameter(f"auto or a whole number from 1 to {MAX_LOOPS}, not {value!r}")
+    return n
+
+
+loops_option = click.option(
+    "--loops", default="auto", show_default=True, callback=_loops,
+    help="throughput mode: forward passes per request, back to back and each timed, so "
+         "numabench's own cost per message is paid once per request; auto: calibrated per "
+         "instance to about 20 ms of compute per request; 1: one pass per message.")
+
 start_option = click.option(
     "--start", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,
     help="fork: workers are forked from one process per NUMA node that has imported the framework "
@@ -363,6 +384,7 @@ def build_workload(*, backend: str, compute_us: float | None = None, cache_dir: 
 @binder_option
 @allocator_option
 @inflight_option
+@loops_option
 @threading_options
 @click.option("--transport", type=click.Choice(TRANSPORTS), default=LaunchOptions.transport,
               show_default=True)
@@ -386,7 +408,8 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                nodes, cpus, core_kind, leftover, preset, iterations, duration, warmup, mode, text_file,
                seed, compute_us, binder, allocator, transport, ready_timeout, request_timeout, repeat,
                run_dir, output, as_json, cache_dir, ort_opt_level, share_weights, keep_weights,
-               weights_dir, ray_address, hosts, inflight, omp_runtime, pin_threads, start, dry_run, root):
+               weights_dir, ray_address, hosts, inflight, loops, omp_runtime, pin_threads, start, dry_run,
+               root):
     """Run pinned instances of a model and report latency and throughput.
 
     \b
@@ -420,7 +443,7 @@ def launch_cmd(instances, cores_per_instance, batch, seq, model, backend, precis
                               text_file=text_file, share_weights=share_weights, compute_us=compute_us,
                               cache_dir=cache_dir, ort_opt_level=ort_opt_level)
     opts = LaunchOptions(binder=binder, allocator=allocator, transport=transport, inflight=inflight,
-                         omp_runtime=omp_runtime, pin_threads=pin_threads, start=start,
+                         loops=loops, omp_runtime=omp_runtime, pin_threads=pin_threads, start=start,
                          run_dir=Path(run_dir) if run_dir else None,
                          output=Path(output) if output else None, ready_timeout_s=ready_timeout,
                          request_timeout_s=request_timeout, repeat=repeat,

@@ -19,7 +19,7 @@ from numabench.fileio import (
 )
 
 RESULTS_SCHEMA = "numabench.results"
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 # Every version this numabench has written, and what changed (as pyperf keeps it). Each one is
 # still read: a change only adds keys, so older documents lack them and nothing else.
 VERSION_HISTORY = {
@@ -29,6 +29,10 @@ VERSION_HISTORY = {
     3: "real text (--text): raw.tokens, each request's real (unpadded) token count, and "
        "summary.tokens {requests, real, padded, padding_overhead}; instances[*].bound (what the "
        "binder really bound); environment.binds_cpus, framework_defaults (--binder none, baselines)",
+    4: "throughput mode: several forward passes per request (launch --loops; environment.loops): "
+       "a sample is one pass, the passes of one request share its sent_ns and received_ns; "
+       "latency, overhead and queue are per request (instances[*].requests), compute per pass "
+       "(instances[*].passes)",
 }
 
 # A percentile is only reported when enough samples back it: p90 needs 10, p99 needs 100.
@@ -142,8 +146,9 @@ def describe(values_ns: list[int], what: str, warnings: list[str] | None = None)
 @dataclass(frozen=True)
 class InstanceStats:
     """One instance's share of a run. Per request: latency = received - sent (coordinator),
-    compute = the backend call (worker), queue = worker start - coordinator send (transport,
-    decode and waiting behind earlier requests when several are in flight)."""
+    queue = its first pass's start - coordinator send (transport, decode and waiting behind
+    earlier requests when several are in flight). Per forward pass: compute = the backend call
+    (worker). One pass per request except in throughput mode with loops."""
 
     requests: int
     samples: int
@@ -151,9 +156,11 @@ class InstanceStats:
     latency: Distribution
     compute: Distribution
     queue: Distribution
+    passes: int | None = None  # None: one per request (documents before version 4)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"requests": self.requests, "samples": self.samples, "throughput": self.throughput,
+        return {"requests": self.requests, "passes": self.passes if self.passes is not None else self.requests,
+                "samples": self.samples, "throughput": self.throughput,
                 "latency": self.latency.to_dict(), "compute": self.compute.to_dict(),
                 "queue": self.queue.to_dict()}
 
@@ -162,7 +169,8 @@ class InstanceStats:
         return cls(requests=d["requests"], samples=d["samples"], throughput=d["throughput"],
                    latency=Distribution.from_dict(d["latency"]),
                    compute=Distribution.from_dict(d["compute"]),
-                   queue=Distribution.from_dict(d.get("queue") or {"count": 0}))
+                   queue=Distribution.from_dict(d.get("queue") or {"count": 0}),
+                   passes=d.get("passes"))
 
     def __getitem__(self, key: str):  # reads like the JSON dict, for code not yet switched
         return getattr(self, key)
@@ -243,6 +251,25 @@ class Summary:
             tokens=TokenStats.from_dict(d["tokens"]) if d.get("tokens") else None)
 
 
+def requests_of(samples: list[Sample]) -> list[list[Sample]]:
+    """The requests behind the samples, in order: the passes of one request (throughput mode
+    with loops) share its instance, sent_ns and received_ns; otherwise one sample each."""
+    groups: dict[tuple[int, int, int], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.instance, s.sent_ns, s.received_ns), []).append(s)
+    return list(groups.values())
+
+
+def _request_overhead(passes: list[Sample]) -> int:
+    """End-to-end minus the compute of all its passes."""
+    return passes[0].e2e_ns - sum(s.compute_ns for s in passes)
+
+
+def _request_queue(passes: list[Sample]) -> int:
+    """Coordinator send to the first pass's start."""
+    return min(s.start_ns for s in passes) - passes[0].sent_ns
+
+
 def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = None, *,
               seq: int | None = None) -> Summary:
     """Derive throughput and latency statistics (and, for real text, real vs padded tokens:
@@ -261,15 +288,17 @@ def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = No
     window = max(end - start, 1)
     total = sum(s.batch for s in samples)
     per: dict[int, InstanceStats] = {}
+    reqs = requests_of(samples)
     for iid in sorted({s.instance for s in samples}):
         mine = [s for s in samples if s.instance == iid]
+        my_reqs = [r for r in reqs if r[0].instance == iid]
         own_window = max(max(s.received_ns for s in mine) - min(s.sent_ns for s in mine), 1)
         n = sum(s.batch for s in mine)
         per[iid] = InstanceStats(
-            requests=len(mine), samples=n, throughput=n / own_window * 1e9,
-            latency=Distribution.of([s.e2e_ns for s in mine], f"instance {iid} latency", warnings),
+            requests=len(my_reqs), samples=n, throughput=n / own_window * 1e9,
+            latency=Distribution.of([r[0].e2e_ns for r in my_reqs], f"instance {iid} latency", warnings),
             compute=Distribution.of([s.compute_ns for s in mine]),
-            queue=Distribution.of([s.queue_ns for s in mine]))
+            queue=Distribution.of([_request_queue(r) for r in my_reqs]), passes=len(mine))
     step_latency = None
     if mode == "split":
         steps: dict[int, list[Sample]] = {}
@@ -290,8 +319,8 @@ def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = No
         throughput_sum=sum(rates),
         instances=per,
         step_latency=step_latency,
-        overhead=Distribution.of([s.overhead_ns for s in samples]),
-        queue=Distribution.of([s.queue_ns for s in samples]),
+        overhead=Distribution.of([_request_overhead(r) for r in reqs]),
+        queue=Distribution.of([_request_queue(r) for r in reqs]),
         imbalance=imbalance,
         warnings=tuple(warnings),
         tokens=token_stats(samples, seq),
@@ -453,13 +482,17 @@ def fmt_ms(ns: float | None) -> str:
 
 def render_summary(s: Summary, warnings: list[str] | None = None) -> str:
     """The readable table printed after a run (`warnings` replaces the summary's own)."""
-    lines = [f"{'instance':>8} {'requests':>8} {'samples':>8} {'p50 ms':>8} {'p90 ms':>8} "
-             f"{'p99 ms':>8} {'compute p50':>11} {'samples/s':>10}"]
+    looped = any(p.passes not in (None, p.requests) for p in s.instances.values())
+    lines = [f"{'instance':>8} {'requests':>8} " + (f"{'passes':>8} " if looped else "")
+             + f"{'samples':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'compute p50':>11} {'samples/s':>10}"]
     for iid, p in s.instances.items():
         lat = p.latency
-        lines.append(f"{iid:>8} {p.requests:>8} {p.samples:>8} {fmt_ms(lat.p50_ns):>8} "
+        lines.append(f"{iid:>8} {p.requests:>8} " + (f"{p.passes:>8} " if looped else "")
+                     + f"{p.samples:>8} {fmt_ms(lat.p50_ns):>8} "
                      f"{fmt_ms(lat.p90_ns):>8} {fmt_ms(lat.p99_ns):>8} "
                      f"{fmt_ms(p.compute.p50_ns):>11} {p.throughput:>10.2f}")
+    if looped:
+        lines.append("(p50/p90/p99: latency of a request of several forward passes; compute: one pass)")
     lines.append("")
     if s.step_latency:
         sl = s.step_latency
@@ -475,7 +508,7 @@ def render_summary(s: Summary, warnings: list[str] | None = None) -> str:
         lines.append(f"tokens: {t.real} real, {t.padded} computed after padding: padding overhead "
                      f"{t.padding_overhead:.2f}x (padded / real)")
     if s.overhead.count:
-        lines.append(f"numabench overhead (end-to-end - compute): p50 {s.overhead.p50_ns / 1e3:.0f} us"
+        lines.append(f"numabench overhead (end-to-end - compute, per request): p50 {s.overhead.p50_ns / 1e3:.0f} us"
                      f", of which queue (send to compute start) p50 {s.queue.p50_ns / 1e3:.0f} us")
     for w in s.warnings if warnings is None else warnings:
         lines.append(f"warning: {w}")

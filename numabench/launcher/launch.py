@@ -26,7 +26,7 @@ from numabench.errors import LaunchError, NumabenchError
 from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
 from numabench.launcher import binding, forkserver, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
-from numabench.launcher.measure import Limits, Measurement, make_payloads, measure
+from numabench.launcher.measure import LOOPS_TARGET_NS, Limits, Measurement, calibrate, make_payloads, measure
 from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
     DEFAULT_ITERATIONS,
     MAX_DURATION_S,
@@ -126,6 +126,8 @@ def check_options(opts: LaunchOptions) -> None:
         if not (math.isfinite(value) and value > 0):
             raise NumabenchError(f"{name} must be a positive number of seconds, not {value}")
     spawn.check_start(opts.start)
+    if opts.loops is not None and not 1 <= opts.loops <= protocol.MAX_LOOPS:
+        raise NumabenchError(f"--loops must be auto or 1 to {protocol.MAX_LOOPS} (got {opts.loops})")
     if not 1 <= opts.repeat <= MAX_REPEAT:
         raise NumabenchError(f"--repeat must be 1 to {MAX_REPEAT} (got {opts.repeat})")
     if opts.output is not None:
@@ -371,12 +373,25 @@ class _Run:
         payloads = make_payloads(self.plan.instances, w.seq, w.seed, vocab, texts)
         if texts:
             self.text_lengths = text_lengths(w, payloads)
-        self.log(f"measuring ({w.mode} mode, {inflight} in flight per instance)"
-                 if w.mode == "throughput" else f"measuring ({w.mode} mode)")
+        loops: dict[int, int] = {}
+        if w.mode == "throughput":
+            if self.opts.loops is None:
+                loops = calibrate(coord, payloads, self.opts.request_timeout_s)
+            else:
+                loops = dict.fromkeys(payloads, self.opts.loops)
+            self.env_info["loops"] = {"per_instance": {str(i): n for i, n in sorted(loops.items())},
+                                      "calibrated": self.opts.loops is None,
+                                      "target_ms": LOOPS_TARGET_NS / 1e6 if self.opts.loops is None else None}
+            shown = sorted(set(loops.values()))
+            self.log(f"measuring ({w.mode} mode, {inflight} in flight per instance, "
+                     f"{'/'.join(map(str, shown))} forward pass{'es' if shown != [1] else ''} per request"
+                     f"{' (calibrated)' if self.opts.loops is None else ''})")
+        else:
+            self.log(f"measuring ({w.mode} mode)")
         self.noise.start()
         try:
             measure(coord, {i.id: i.batch for i in self.plan.instances}, payloads, w.mode,
-                    Limits(w.iterations, w.duration_s, inflight, self.opts.request_timeout_s),
+                    Limits(w.iterations, w.duration_s, inflight, self.opts.request_timeout_s, loops),
                     self.measured, self.progress.update if self.progress.enabled else None)
         finally:
             self.noise.stop()
@@ -434,9 +449,10 @@ class _Run:
             window_start_ns=self.window_start_ns, samples=tuple(samples), summary=summary,
             warnings=tuple(self.warnings) + summary.warnings + tuple(self.noise.warnings()),
             repetition=self.repetition,
-            # requests sent and never answered (a failed or interrupted run)
+            # requests sent and never answered (a failed or interrupted run); a request of
+            # `loops` passes stood for steps step .. step + loops - 1
             unanswered={k: [getattr(p, k) for p in self.measured.unanswered()]
-                        for k in ("instance", "step", "batch", "sent_ns")})
+                        for k in ("instance", "step", "batch", "sent_ns", "loops")})
 
     def save(self, result: RunResult) -> list[Path]:
         paths = [self.run_dir / RESULTS_FILE] + ([Path(self.opts.output)] if self.opts.output else [])
@@ -523,6 +539,8 @@ def run_launch(machine: Machine, plan: Plan, workload: Workload,
     check_workload(plan, workload)
     if opts.inflight < 1:
         raise NumabenchError(f"--inflight must be at least 1 (got {opts.inflight})")
+    if opts.loops not in (None, 1) and workload.mode != "throughput":
+        raise NumabenchError("--loops is for --mode throughput: a split step is one pass of each shard")
     check_options(opts)
     if opts.transport not in TRANSPORTS:
         raise NumabenchError(f"unknown transport {opts.transport!r}; use {' or '.join(TRANSPORTS)}")

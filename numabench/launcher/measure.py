@@ -10,15 +10,24 @@ worker's `start_ns` and `compute_ns`, so time spent waiting inside the worker
 `split` mode keeps its step semantics: a step's shards are sent together and the step ends at
 its last reply; nothing of the next step is sent early (that would change what a step means).
 
+Loops (throughput mode): a request may ask its worker for `loops` forward passes of its inputs
+back to back, each timed, so numabench's own cost per message (receive, decode, reply, and the
+caches it disturbs: 10-20% of a 0.7 ms bert-tiny forward on the 2-vCPU dev VM) is paid once per
+`loops` passes, as pyperf amortizes its timer over loops. Each pass is a Sample; the passes of
+one request share its `sent_ns` and `received_ns`, and each one's queue time (start - sent) counts
+the passes before it: they were requested together and waited for each other. `calibrate` picks
+the count per instance from a few single passes: at least LOOPS_TARGET_NS of compute.
+
 The coordinator-like object needs `send_frames(instance, frames)` and
 `recv(timeout_s, watching=, what=)` -> (instance, header, arrays); see coordinator.py. Each
 instance's RUN is encoded once (protocol.RequestTemplate); a request then costs a bytes join.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -48,10 +57,14 @@ class Limits:
     duration_s: float | None = None
     inflight: int = DEFAULT_INFLIGHT
     request_timeout_s: float = 300.0
+    # throughput mode: forward passes per request, per instance (absent: 1); see `calibrate`
+    loops: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.inflight < 1:
             raise ValueError(f"inflight must be at least 1 (got {self.inflight})")
+        if any(not 1 <= n <= protocol.MAX_LOOPS for n in self.loops.values()):
+            raise ValueError(f"loops must be from 1 to {protocol.MAX_LOOPS} (got {dict(self.loops)})")
 
 
 class Pending(NamedTuple):
@@ -62,6 +75,7 @@ class Pending(NamedTuple):
     step: int
     batch: int
     sent_ns: int
+    loops: int = 1
 
 
 class Measurement:
@@ -79,6 +93,32 @@ class Measurement:
 
     def in_flight(self, instance: int) -> int:
         return sum(1 for p in self.pending.values() if p.instance == instance)
+
+
+LOOPS_TARGET_NS = 50_000_000  # compute per request when loops are calibrated
+CALIBRATION_PASSES = 3
+
+
+def loops_for(compute_ns: int) -> int:
+    """Passes per request for a forward of compute_ns: enough for LOOPS_TARGET_NS (pure)."""
+    return max(1, min(protocol.MAX_LOOPS, math.ceil(LOOPS_TARGET_NS / max(compute_ns, 1))))
+
+
+def calibrate(channel: Channel, payloads: Mapping[int, Payload], timeout_s: float) -> dict[int, int]:
+    """Loops per instance from its fastest of CALIBRATION_PASSES single passes (all instances at
+    once, before the clock starts; nothing of it is a sample)."""
+    best: dict[int, int] = {}
+    ids = frozenset(payloads)
+    for k in range(CALIBRATION_PASSES):
+        for iid in sorted(ids):
+            t = protocol.RequestTemplate(protocol.RUN, {"want": "shape", **payloads[iid][0]}, payloads[iid][1])
+            channel.send_frames(iid, t.encode(k))
+        for _ in ids:
+            iid, head, _ = channel.recv(timeout_s, watching=ids, what="a RESULT")
+            if head["type"] != protocol.RESULT:
+                raise WorkerFailed(iid, f"instance {iid} failed a calibration request: {head.get('message')}")
+            best[iid] = min(best.get(iid, 1 << 62), int(head["compute_ns"]))
+    return {iid: loops_for(ns) for iid, ns in best.items()}
 
 
 def make_payloads(instances: Sequence[Any], seq: int, seed: int, vocab: Mapping[int, int],
@@ -111,19 +151,29 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
     order = sorted(ids)
     count = limits.iterations if limits.iterations is not None or limits.duration_s is not None \
         else DEFAULT_ITERATIONS
-    templates = {iid: protocol.RequestTemplate(protocol.RUN, {"want": "shape", **payloads[iid][0]},
-                                               payloads[iid][1]) for iid in ids}
-    pending, samples = m.pending, m.samples
-    encoders = {iid: t.encode for iid, t in templates.items()}
-    send_frames, recv, now_ns = channel.send_frames, channel.recv, time.monotonic_ns
-    timeout_s, RESULT = limits.request_timeout_s, protocol.RESULT
+    loops = {iid: limits.loops.get(iid, 1) if mode == "throughput" else 1 for iid in ids}
+    encoders: dict[tuple[int, int], Callable[[int], list[Any]]] = {}
 
-    def send(iid: int, step: int) -> None:
+    def encoder(iid: int, n: int) -> Callable[[int], list[Any]]:
+        """The instance's RUN for n passes, encoded once (a run's last request may ask fewer)."""
+        enc = encoders.get((iid, n))
+        if enc is None:
+            extra = {"loops": n} if n > 1 else {}
+            enc = encoders[iid, n] = protocol.RequestTemplate(
+                protocol.RUN, {"want": "shape", **payloads[iid][0], **extra}, payloads[iid][1]).encode
+        return enc
+
+    pending, samples = m.pending, m.samples
+    send_frames, recv, now_ns = channel.send_frames, channel.recv, time.monotonic_ns
+    # a request of n passes may take n times as long as one
+    timeout_s, RESULT = limits.request_timeout_s * max(loops.values(), default=1), protocol.RESULT
+
+    def send(iid: int, step: int, n: int = 1) -> None:
         m._req = req = m._req + 1
-        frames = encoders[iid](req)
+        frames = encoder(iid, n)(req)
         sent = now_ns()
         send_frames(iid, frames)
-        pending[req] = Pending(iid, step, batches[iid], sent)
+        pending[req] = Pending(iid, step, batches[iid], sent, n)
 
     def collect() -> int:
         iid, head, _ = recv(timeout_s, watching=ids, what="a RESULT")
@@ -134,8 +184,15 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
             if kind == protocol.ERROR:
                 raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
             raise LaunchError(f"instance {iid} sent an unexpected {kind} message")
-        samples.append(Sample(p.instance, p.step, p.batch, p.sent_ns, received,
-                              int(head["compute_ns"]), int(head["start_ns"])))
+        compute, start = head["compute_ns"], head["start_ns"]
+        if p.loops == 1:
+            samples.append(Sample(p.instance, p.step, p.batch, p.sent_ns, received, int(compute), int(start)))
+        elif type(compute) is list and type(start) is list and len(compute) == len(start) == p.loops:
+            samples.extend(Sample(p.instance, p.step + k, p.batch, p.sent_ns, received, int(c), int(t))
+                           for k, (c, t) in enumerate(zip(compute, start)))
+        else:
+            raise LaunchError(f"instance {iid} answered a request of {p.loops} passes with "
+                              f"{len(compute) if type(compute) is list else 1} timings")
         return p.instance
 
     m.window_start_ns = time.monotonic_ns()
@@ -157,22 +214,27 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
                 if on_progress:
                     on_progress(f"measuring: step {step}" + (f"/{count}" if count else ""))
         else:
-            sent = dict.fromkeys(order, 0)
+            sent = dict.fromkeys(order, 0)  # passes asked of each instance so far
+
+            def top_up(iid: int) -> None:
+                n = loops[iid] if count is None else min(loops[iid], count - sent[iid])
+                send(iid, sent[iid], n)
+                sent[iid] += n
+
             # Fill every instance's credits first, round-robin, so all start together.
             for _ in range(limits.inflight):
                 for iid in order:
                     if more(sent[iid]):
-                        send(iid, sent[iid])
-                        sent[iid] += 1
+                        top_up(iid)
             done = 0
             while pending:
                 iid = collect()
                 done += 1
                 if more(sent[iid]):  # a credit came back: the worker's next input, at once
-                    send(iid, sent[iid])
-                    sent[iid] += 1
+                    top_up(iid)
                 if on_progress:
-                    on_progress(f"measuring: {done} requests")
+                    on_progress(f"measuring: {len(samples)} passes" if len(samples) != done
+                                else f"measuring: {done} requests")
     except WorkerFailed as e:
         left = m.in_flight(e.instance)
         if left:

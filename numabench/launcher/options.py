@@ -65,6 +65,8 @@ class LaunchOptions:
     # common start barrier across hosts, numabench.cluster.fleet) or raise NumabenchError to stop.
     before_measure: Callable[[], None] | None = None
     inflight: int = DEFAULT_INFLIGHT  # throughput mode: requests outstanding per instance
+    # throughput mode: forward passes per request (None: calibrated per instance, measure.py)
+    loops: int | None = None
     omp_runtime: str = "gnu"  # gnu (the framework's own) or intel (libiomp5 preloaded)
     pin_threads: bool = True  # each OpenMP / ONNX Runtime thread bound to its own CPU
     # The out-of-the-box baseline: no binding (as --binder none) and no thread settings at all

@@ -47,6 +47,9 @@ ALLOWED_DTYPES = frozenset(
     {"int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64", "bool"}
 )
 MAX_HEADER_BYTES = 1 << 20
+# A RUN's "loops": forward passes of its inputs back to back, each timed (throughput mode); the
+# RESULT then holds lists of start_ns and compute_ns, one per pass (~40 bytes each).
+MAX_LOOPS = 1000
 # dtype objects and names, looked up instead of rebuilt per message (np.dtype.name is slow).
 _DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
@@ -181,15 +184,21 @@ class RequestDecoder:
         self._prefix = raw[:cut]
 
 
-def encode_result(req: Any, compute_ns: int, start_ns: int, end_ns: int, output: dict[str, Any]
-                  ) -> list[Any]:
+def encode_result(req: Any, compute_ns: int | list[int], start_ns: int | list[int], end_ns: int,
+                  output: dict[str, Any]) -> list[Any]:
     """A RESULT without array frames, formatted directly: the same JSON as `encode` gives for
-    it (modulo key order) at a fraction of its cost on the path of every request."""
+    it (modulo key order) at a fraction of its cost on the path of every request. compute_ns and
+    start_ns are lists (one per pass) for a RUN with "loops"."""
     if type(req) is not int or set(output) != {"shape", "dtype"}:
         return encode(RESULT, {"req": req, "compute_ns": compute_ns, "start_ns": start_ns,
                                "end_ns": end_ns, "output": output})
     shape = ",".join(str(int(d)) for d in output["shape"])
-    return [(f'{{"req":{req},"compute_ns":{compute_ns},"start_ns":{start_ns},"end_ns":{end_ns},'
+    if type(compute_ns) is list:
+        compute = "[" + ",".join(map(str, compute_ns)) + "]"
+        start = "[" + ",".join(map(str, start_ns)) + "]"  # type: ignore[arg-type]
+    else:
+        compute, start = compute_ns, start_ns  # type: ignore[assignment]
+    return [(f'{{"req":{req},"compute_ns":{compute},"start_ns":{start},"end_ns":{end_ns},'
              f'"output":{{"shape":[{shape}],"dtype":"{output["dtype"]}"}},"type":"RESULT","v":'
              f'{PROTOCOL_VERSION},"arrays":[]}}').encode()]
 
