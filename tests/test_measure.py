@@ -5,9 +5,19 @@ import time
 from collections import deque
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from numabench.launcher.coordinator import WorkerFailed
-from numabench.launcher.measure import Limits, Measurement, make_payloads, measure
+from numabench.launcher.measure import (
+    LOOPS_TARGET_NS,
+    Limits,
+    Measurement,
+    calibrate,
+    loops_for,
+    make_payloads,
+    measure,
+)
 from numabench.plans.model import InstancePlan
 from numabench.workers import protocol
 
@@ -16,7 +26,8 @@ class ScriptedWorkers:
     """Stands in for the coordinator: each instance queues what it is sent and answers in order,
     one reply per recv, instances taking turns. Counts what is outstanding at the worker side."""
 
-    def __init__(self, die: dict[int, int] | None = None):
+    def __init__(self, die: dict[int, int] | None = None, compute_ns: int = 1000):
+        self.compute_ns = compute_ns
         self.queues: dict[int, deque] = {}
         self.max_queued: dict[int, int] = {}
         self.sent: dict[int, int] = {}
@@ -24,13 +35,15 @@ class ScriptedWorkers:
         self.replied: dict[int, int] = {}
         self.turn = 0
         self.headers: list[dict] = []
+        self.routes: dict[int, set] = {}  # instance -> the reqs sent to it
 
     def send_frames(self, instance, frames):
         header, _ = protocol.decode(frames)  # what a worker would read
         assert header["type"] == protocol.RUN
         self.headers.append(header)
+        self.routes.setdefault(instance, set()).add(header["req"])
         q = self.queues.setdefault(instance, deque())
-        q.append(header["req"])
+        q.append((header["req"], header.get("loops", 1)))
         self.sent[instance] = self.sent.get(instance, 0) + 1
         self.max_queued[instance] = max(self.max_queued.get(instance, 0), len(q))
 
@@ -41,10 +54,13 @@ class ScriptedWorkers:
         self.turn += 1
         if iid in self.die and self.replied.get(iid, 0) >= self.die[iid]:
             raise WorkerFailed(iid, f"instance {iid} killed by SIGKILL\n--- last lines ---\n(log)")
-        req = self.queues[iid].popleft()
+        req, loops = self.queues[iid].popleft()
         self.replied[iid] = self.replied.get(iid, 0) + 1
-        now = time.monotonic_ns()
-        return iid, {"type": protocol.RESULT, "req": req, "compute_ns": 1000, "start_ns": now}, {}
+        now, c = time.monotonic_ns(), self.compute_ns
+        if loops == 1:
+            return iid, {"type": protocol.RESULT, "req": req, "compute_ns": c, "start_ns": now}, {}
+        return iid, {"type": protocol.RESULT, "req": req, "compute_ns": [c] * loops,
+                     "start_ns": [now + k * c for k in range(loops)]}, {}
 
 
 PAYLOADS = {0: ({}, {}), 1: ({}, {})}
@@ -122,3 +138,45 @@ def test_payloads_are_seeded_per_instance_and_inside_the_vocabulary():
     assert a[0][1].specs[0]["shape"] == [2, 16] and a[1][1].specs[0]["shape"] == [3, 16]
     texts = make_payloads(insts, seq=8, seed=0, vocab={}, texts=["x", "y"])
     assert texts[1][0] == {"texts": ["y", "x", "y"], "seq": 8}
+
+
+@settings(max_examples=60, deadline=None)
+@given(iterations=st.integers(1, 40), loops=st.integers(1, 9), inflight=st.integers(1, 3))
+def test_loops_split_the_passes_over_requests_and_every_pass_is_a_sample(iterations, loops, inflight):
+    w = ScriptedWorkers()
+    m = measure(w, BATCHES, PAYLOADS, "throughput",
+                Limits(iterations=iterations, inflight=inflight, loops={0: loops, 1: 1}))
+    assert not m.pending
+    for iid, n in ((0, loops), (1, 1)):
+        asked = [h.get("loops", 1) for h in w.headers if h["req"] in w.routes[iid]]
+        # full requests of n passes, the last one what is left; never more passes than asked
+        assert asked == [n] * (iterations // n) + ([iterations % n] if iterations % n else [])
+        assert sorted(s.step for s in m.samples if s.instance == iid) == list(range(iterations))
+        assert max(w.max_queued.values()) <= inflight
+    # the passes of one request share its send and reply times, and each keeps its own timing
+    by_req: dict = {}
+    for s in m.samples:
+        by_req.setdefault((s.instance, s.sent_ns), []).append(s)
+    assert all(len({s.received_ns for s in g}) == 1 for g in by_req.values())
+
+
+def test_a_dead_worker_with_loops_leaves_its_requests_with_their_pass_counts():
+    w = ScriptedWorkers(die={1: 2})
+    m = Measurement()
+    with pytest.raises(WorkerFailed):
+        measure(w, BATCHES, PAYLOADS, "throughput", Limits(iterations=50, inflight=2, loops={0: 5, 1: 4}),
+                state=m)
+    lost = [(p.step, p.loops) for p in m.unanswered() if p.instance == 1]
+    assert lost == [(8, 4), (12, 4)]  # two requests of 4 passes each: steps 8-11 and 12-15
+
+
+def test_calibrate_takes_the_fastest_pass_and_aims_at_the_target():
+    w = ScriptedWorkers(compute_ns=LOOPS_TARGET_NS // 10 + 1)
+    assert calibrate(w, PAYLOADS, timeout_s=1) == {0: 10, 1: 10}
+    assert not any("loops" in h for h in w.headers)  # single passes, nothing kept
+    assert loops_for(0) == protocol.MAX_LOOPS and loops_for(10**12) == 1
+    assert loops_for(LOOPS_TARGET_NS) == 1 and loops_for(LOOPS_TARGET_NS - 1) == 2
+    with pytest.raises(ValueError):
+        Limits(loops={0: 0})
+    with pytest.raises(ValueError):
+        Limits(loops={0: protocol.MAX_LOOPS + 1})

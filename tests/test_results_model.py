@@ -41,6 +41,24 @@ def test_round_trip_through_json(tmp_path):
     assert back.summary.instances[0].latency.p90_ns == 60 and back.summary.instances[0].latency.p99_ns is None
 
 
+def test_passes_of_one_request_count_once_for_latency_overhead_and_queue():
+    from numabench.results import render_summary, requests_of
+
+    # two requests of 3 passes (sent 0 and 10, answered 400 and 700), each pass 100 ns
+    s = [Sample(0, k, 1, 0, 400, 100, 20 + 100 * k) for k in range(3)]
+    s += [Sample(0, 3 + k, 1, 10, 700, 100, 320 + 100 * k) for k in range(3)]
+    assert [len(r) for r in requests_of(s)] == [3, 3]
+    out = summarize(s, "throughput")
+    inst = out.instances[0]
+    assert (inst.requests, inst.passes, inst.samples) == (2, 6, 6)
+    assert sorted([inst.latency.min_ns, inst.latency.max_ns]) == [400, 690]
+    assert inst.compute.count == 6 and inst.queue.count == 2 and inst.queue.max_ns == 310
+    assert out.overhead.count == 2 and out.overhead.max_ns == 690 - 300  # minus all 3 passes
+    text = render_summary(out)
+    assert "passes" in text.splitlines()[0] and "several forward passes" in text
+    assert "passes" not in render_summary(summarize(s[:1], "throughput")).splitlines()[0]
+
+
 def test_queue_latency_and_compute_are_separate_distributions():
     # two requests in flight: the second waits behind the first inside the worker
     s = [Sample(0, 0, 1, 0, 50, 40, 5), Sample(0, 1, 1, 1, 90, 40, 50)]
