@@ -92,6 +92,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--inflight", type=int, default=2)
+    ap.add_argument("--loops", type=lambda v: None if v == "auto" else int(v), default=None,
+                    help="numabench: forward passes per request (default auto, numabench's own)")
     ap.add_argument("--omp-runtime", choices=["gnu", "intel"], default="gnu", help="both sides")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
