@@ -267,3 +267,22 @@ def test_values_that_are_not_positive_numbers_are_inconclusive_not_a_verdict():
     for bad in (float("nan"), float("inf"), 0.0, -1.0):
         r = compare_values("throughput", "samples/s", "higher", [1.0, 1.1, bad], [1.0, 1.0, 1.0])
         assert r.verdict == "inconclusive" and r.ratio is None and "not a number" in r.reason
+
+
+def test_passes_per_request_are_shown_when_the_sides_differ():
+    from test_experiments import make_doc
+
+    from numabench.experiments.compare import OTHER_FIELDS, Side, run_values, workload_differences
+
+    def side(loops, name):
+        doc = make_doc([5.0] * 3, mode="throughput")
+        if loops is not None:
+            doc["environment"]["loops"] = loops
+        return Side(name, (run_values(doc, name),))
+
+    one = side(None, "a")  # before version 4, or split mode: one pass per request
+    auto = side({"per_instance": {"0": 53}, "calibrated": True, "target_ms": 50}, "b")
+    given = side({"per_instance": {"0": 8}, "calibrated": False, "target_ms": None}, "c")
+    assert [r.other["loops"] for s in (one, auto, given) for r in s.runs] == ["1", "calibrated", "8"]
+    assert "loops: A 1 vs B calibrated" in workload_differences(one, auto, OTHER_FIELDS)
+    assert not any(d.startswith("loops") for d in workload_differences(auto, auto, OTHER_FIELDS))

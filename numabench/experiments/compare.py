@@ -51,7 +51,7 @@ METRICS = (
 WORKLOAD_FIELDS = ("model", "backend", "precision", "mode", "seq", "batch", "instances", "machine")
 # Shown when they differ, but not refused (the point of a comparison is often one of these).
 OTHER_FIELDS = ("backend_options", "threads", "cpus", "smt", "iterations", "duration_s", "binder",
-                "allocator", "numabench")
+                "allocator", "loops", "numabench")
 
 
 class CompareError(NumabenchError):
@@ -81,6 +81,17 @@ def _machine_label(doc: dict[str, Any]) -> str:
     return f"{host} ({m.get('model_name') or 'unknown CPU'}, {usable} usable CPUs)"
 
 
+def _loops_label(loops: Any) -> str:
+    """Passes per request in throughput mode: "calibrated" (counts vary run to run), the count
+    given, or 1 (split mode, and documents before version 4)."""
+    if not isinstance(loops, dict):
+        return "1"
+    if loops.get("calibrated"):
+        return "calibrated"
+    counts = sorted({str(n) for n in (loops.get("per_instance") or {}).values()})
+    return ",".join(counts) or "1"
+
+
 def run_values(doc: dict[str, Any], path: str) -> Run:
     """A results document as a Run; a malformed one is a CompareError naming the file."""
     try:
@@ -107,7 +118,7 @@ def run_values(doc: dict[str, Any], path: str) -> Run:
                  "cpus": " ".join(str(i.get("cpus")) for i in insts), "smt": bool(plan.get("smt")),
                  "iterations": w.get("iterations"), "duration_s": w.get("duration_s"),
                  "binder": env.get("binder"), "allocator": env.get("allocator"),
-                 "numabench": env.get("numabench")}
+                 "loops": _loops_label(env.get("loops")), "numabench": env.get("numabench")}
         identity = json.dumps([doc.get("created"), doc.get("run_dir"), s.get("window_ns"),
                                s.get("samples"), s["throughput"]])
         warnings = tuple(str(x) for x in (doc.get("warnings") or []))
