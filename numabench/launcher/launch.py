@@ -401,8 +401,8 @@ class _Run:
         """Which instances a measuring timeout waited on: those with the fewest replies (in
         split mode exactly the ones that did not answer the current step)."""
         counts = {i.id: 0 for i in self.plan.instances}
-        for s in self.samples:
-            counts[s.instance] += 1
+        for s in {(s.instance, s.sent_ns) for s in self.samples}:  # replies, not passes (loops)
+            counts[s[0]] += 1
         low = min(counts.values())
         late = [i for i, c in counts.items() if c == low]
         return (f"no reply from instance{'s' if len(late) > 1 else ''} "

@@ -109,15 +109,19 @@ def calibrate(channel: Channel, payloads: Mapping[int, Payload], timeout_s: floa
     once, before the clock starts; nothing of it is a sample)."""
     best: dict[int, int] = {}
     ids = frozenset(payloads)
+    runs = {iid: protocol.RequestTemplate(protocol.RUN, {"want": "shape", **payloads[iid][0]},
+                                          payloads[iid][1]).encode for iid in ids}
     for k in range(CALIBRATION_PASSES):
         for iid in sorted(ids):
-            t = protocol.RequestTemplate(protocol.RUN, {"want": "shape", **payloads[iid][0]}, payloads[iid][1])
-            channel.send_frames(iid, t.encode(k))
+            channel.send_frames(iid, runs[iid](k))
         for _ in ids:
             iid, head, _ = channel.recv(timeout_s, watching=ids, what="a RESULT")
             if head["type"] != protocol.RESULT:
                 raise WorkerFailed(iid, f"instance {iid} failed a calibration request: {head.get('message')}")
-            best[iid] = min(best.get(iid, 1 << 62), int(head["compute_ns"]))
+            compute = head.get("compute_ns")
+            if type(compute) is not int or compute < 0:
+                raise LaunchError(f"instance {iid} answered a calibration request with compute_ns {compute!r}")
+            best[iid] = min(best.get(iid, compute), compute)
     return {iid: loops_for(ns) for iid, ns in best.items()}
 
 
