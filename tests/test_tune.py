@@ -301,7 +301,10 @@ def test_real_tune_on_noop_then_validate_and_report(tmp_path):
     assert "[trial 1 of ~" in r.stderr and "left]" in r.stderr
     assert "choice: " in r.stdout and "runner-up: " in r.stdout and "confidence: " in r.stdout
     state = json.loads((out / "tune.json").read_text())
-    assert state["elapsed_s"] <= 4 or state["trials"] == 1
+    # No trial starts that its estimate says would end past the budget (exact in simulated time,
+    # test_budget_is_respected_in_simulated_time); a real trial may run past its estimate (4.12 s
+    # once in the parallel suite on the 2-vCPU VM), by about a start-up at most.
+    assert state["elapsed_s"] <= 4 + 1.0 or state["trials"] == 1
     assert wall < 60  # start-up and outputs on a busy machine; the budget itself is checked above
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema"] == "numabench.sweep" and manifest["kind"] == "tune"
