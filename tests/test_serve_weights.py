@@ -29,12 +29,17 @@ def _workers(pid: int) -> list[psutil.Process]:
             if c.name().startswith("numabench-w")]
 
 
-def test_serve_workers_map_the_nodes_copy_and_the_next_start_removes_a_killed_daemons(tmp_path, shm_dir):
-    # The session's weights cache (conftest): a hit after the first build, no torch in the daemon.
+def test_serve_workers_map_the_nodes_copy_and_the_next_start_removes_a_killed_daemons(
+        tmp_path, shm_dir, monkeypatch):
+    # An empty weights cache: the first daemon's fork server writes the file in a child (no
+    # torch in the daemon); the second daemon finds it.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     args = ("--backend", "pytorch", "--instances", "1", "--weights-dir", str(shm_dir))
     (tmp_path / "a").mkdir()
     first = Daemon(tmp_path / "a", *args)
     try:
+        log = first.output()
+        assert "weights of bert-tiny written in" in log and " by fork server " in log, log
         weights = first.status()["weights"]
         assert len(weights) == 1, weights
         (path,) = weights.values()

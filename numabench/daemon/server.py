@@ -223,11 +223,16 @@ class Daemon:
                                           or wanted <= set(self.prepared.node_options)):
             return  # prepared once (ONNX), or every node already has its copy
         have = set(self.prepared.node_options) if self.prepared is not None else set()
+        # At start, a missing weights file is written by a child of the first instance's fork
+        # server, so the daemon never imports torch (seconds, and ~130 MB it would keep).
+        builder = (spawn.weights_builder(self.group, self.binder, plan.instances[0], self.fork, self.preload)
+                   if self.fork is not None and self.fork.new_servers and self.group is not None
+                   and w.backend == "pytorch" else None)
         prepared = prepare_backend(
             w.backend, self.spec, w.precision, w.backend_options, seed=w.seed,
             log=lambda msg: log.info("%s", msg), share_weights=w.share_weights,
             node_sets=tuple(sorted(wanted - have)), weights_dir=o.weights_dir,
-            weights_cache_dir=o.weights_cache_dir)
+            weights_cache_dir=o.weights_cache_dir, weights_builder=builder)
         if prepared is None:
             return
         if self.prepared is None:
@@ -346,12 +351,17 @@ class Daemon:
         own_state = self._check_existing(endpoint)
         self.binder, self.preload = binding.prepare_binding(self.plan, o.binder, o.allocator, o.path)
         self.warnings.extend(self.binder.warnings)
-        # One ONNX export or one weights copy per node for all instances, before any worker starts.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.group = ProcessGroup(self.run_dir)
+        why_exec = spawn.why_exec(o.start, os.environ)
+        if why_exec is None:
+            self.fork = spawn.ForkPlan.for_instances(self.plan.instances, o.workload.backend,
+                                                     o.workload.model, timeout_s=o.ready_timeout_s)
+        # One ONNX export or one weights copy per node for all instances, before any worker
+        # starts (and before the loop is pinned: a fork server started here needs every CPU).
         self._prepare_backend(self.plan)
         self._pin_loop()
         runtime = endpoints.runtime_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.group = ProcessGroup(self.run_dir)
         self.worker_dir = self._worker_ipc_dir(runtime)
         self.coord = Coordinator(self.group, "ipc", ipc_dir=str(self.worker_dir) if self.worker_dir
                                  else None, handover=True)
@@ -404,12 +414,8 @@ class Daemon:
         self.pools = {s.name: Pool(s) for s in self._pool_specs}
         self.sched.set_pools(self.pools)
         self.instances = self._build(self.plan, self._pool_specs)
-        why_exec = spawn.why_exec(o.start, os.environ)
         if why_exec is not None:
             log.info("workers are started as fresh processes: %s", why_exec)
-        else:
-            self.fork = spawn.ForkPlan.for_instances(self.plan.instances, o.workload.backend,
-                                                     o.workload.model, timeout_s=o.ready_timeout_s)
         for inst in self.instances.values():
             self._spawn(inst)
         if self.fork is not None:

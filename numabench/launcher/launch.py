@@ -24,7 +24,7 @@ from typing import Any
 from numabench import __version__
 from numabench.errors import LaunchError, NumabenchError
 from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
-from numabench.launcher import binding, forkserver, placement, spawn
+from numabench.launcher import binding, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
 from numabench.launcher.measure import LOOPS_TARGET_NS, Limits, Measurement, calibrate, make_payloads, measure
 from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
@@ -221,25 +221,13 @@ class _Run:
 
     def _weights_builder(self, group: ProcessGroup | None) -> Callable[[Any, int, Path], str | None] | None:
         """On a weights cache miss, the first instance's fork server (started now rather than at
-        spawn, which then reuses it) writes the file, so the launcher never imports torch for it;
-        None where workers are exec'd (the launcher builds it, as before)."""
+        spawn, which then reuses it) writes the file; None where workers are exec'd (the
+        launcher builds it, as before)."""
         fork, _ = self.start_method()
         if group is None or fork is None or self.workload.backend != "pytorch":
             return None
-        inst = self.plan.instances[0]
-
-        def build(spec: Any, seed: int, path: Path) -> str | None:
-            env, _, _ = binding.worker_env(dict(os.environ), inst, self.preload, self.threading,
-                                           set_threads=not self.opts.framework_defaults)
-            try:  # the same server (key) spawn asks for: same instance, same environment
-                server = spawn.fork_server(group, self.binder, inst, env, fork)
-            except forkserver.ForkServerError:
-                return None  # spawn tries again, and says why workers are exec'd
-            if server is None:
-                return None
-            return server.build_weights(self.workload.model, seed, path,
-                                        group.run_dir / "weights-build.log", fork.timeout_s)
-        return build
+        return spawn.weights_builder(group, self.binder, self.plan.instances[0], fork, self.preload,
+                                     self.threading, set_threads=not self.opts.framework_defaults)
 
     def spawn(self, group: ProcessGroup, coord: Coordinator) -> None:
         binder, preload, governors = self.binder, self.preload, self.governors

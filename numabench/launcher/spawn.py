@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from numabench.errors import NumabenchError
@@ -145,3 +146,22 @@ def fork_server(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan,
         server = forkserver.ForkServer(argv, forkserver.server_env(env), log, fork.timeout_s)
         group.servers[key] = server
     return server
+
+
+def weights_builder(group: ProcessGroup, binder: binding.Binder, inst: InstancePlan, fork: ForkPlan,
+                    preload: str | None = None, threading: binding.Threading | None = None,
+                    set_threads: bool = True) -> Callable[[Any, int, Path], str | None]:
+    """For a weights cache miss (shared_weights.Builder): the fork server `inst` will be forked
+    from (started now if need be, then reused by start_instance: same key) writes the file in a
+    child, so the launcher or daemon never imports torch for it. None from the callable: no
+    server (exec'd workers, or it failed to start or to build); the caller builds it itself."""
+    def build(spec: Any, seed: int, path: Path) -> str | None:
+        env, _, _ = binding.worker_env(dict(os.environ), inst, preload, threading, set_threads=set_threads)
+        try:
+            server = fork_server(group, binder, inst, env, fork)
+        except forkserver.ForkServerError:
+            return None  # start_instance tries again, and says why workers are exec'd
+        if server is None:
+            return None
+        return server.build_weights(fork.model, seed, path, group.run_dir / "weights-build.log", fork.timeout_s)
+    return build
