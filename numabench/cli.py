@@ -15,6 +15,7 @@ from numabench.launcher.options import (
     DEFAULT_ITERATIONS,
     DEFAULT_READY_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
+    LOOPS_TARGET_NS,
     MAX_REPEAT,
     MODES,
     TRANSPORTS,
@@ -274,10 +275,9 @@ inflight_option = click.option(
 
 
 def _loops(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
-    from numabench.workers.protocol import MAX_LOOPS
-
     if value.strip().lower() == "auto":
         return None
+    from numabench.workers.protocol import MAX_LOOPS  # numpy: only when a count is given
     try:
         n = int(value)
     except ValueError:
@@ -291,7 +291,8 @@ loops_option = click.option(
     "--loops", default="auto", show_default=True, callback=_loops,
     help="throughput mode: forward passes per request, back to back and each timed, so "
          "numabench's own cost per message is paid once per request; auto: calibrated per "
-         "instance to about 20 ms of compute per request; 1: one pass per message.")
+         f"instance to about {LOOPS_TARGET_NS // 1_000_000} ms of compute per request; 1: one pass per "
+         "message.")
 
 start_option = click.option(
     "--start", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,

@@ -26,9 +26,10 @@ from numabench.errors import LaunchError, NumabenchError
 from numabench.fileio import check_output_dir, check_output_file, read_text, write_json_atomic
 from numabench.launcher import binding, placement, spawn
 from numabench.launcher.coordinator import Coordinator, WorkerFailed
-from numabench.launcher.measure import LOOPS_TARGET_NS, Limits, Measurement, calibrate, make_payloads, measure
+from numabench.launcher.measure import Limits, Measurement, calibrate, make_payloads, measure
 from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's public names)
     DEFAULT_ITERATIONS,
+    LOOPS_TARGET_NS,
     MAX_DURATION_S,
     MAX_ITERATIONS,
     MAX_REPEAT,

@@ -34,7 +34,7 @@ import numpy as np
 
 from numabench.errors import LaunchError
 from numabench.launcher.coordinator import WorkerFailed
-from numabench.launcher.options import DEFAULT_INFLIGHT, DEFAULT_ITERATIONS
+from numabench.launcher.options import DEFAULT_INFLIGHT, DEFAULT_ITERATIONS, LOOPS_TARGET_NS
 from numabench.results import Sample
 from numabench.workers import protocol
 
@@ -95,7 +95,6 @@ class Measurement:
         return sum(1 for p in self.pending.values() if p.instance == instance)
 
 
-LOOPS_TARGET_NS = 50_000_000  # compute per request when loops are calibrated
 CALIBRATION_PASSES = 3
 
 

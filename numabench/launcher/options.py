@@ -15,6 +15,9 @@ MODES = ("split", "throughput")
 TRANSPORTS = ("ipc", "tcp")
 DEFAULT_ITERATIONS = 20
 DEFAULT_INFLIGHT = 2  # throughput mode: one computing, one waiting: enough to hide the round trip
+# throughput mode, --loops auto: forward passes per request for about this much compute each
+# (numabench's own cost per message, ~0.15 ms, is then 0.3% of a request; benchmarks/README.md)
+LOOPS_TARGET_NS = 50_000_000
 DEFAULT_READY_TIMEOUT_S = 600.0
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 RESULTS_FILE = "results.json"
