@@ -203,10 +203,13 @@ def test_worker_threads_stay_on_its_cpus(cache, tmp_path):
 
 
 @TWO_CPUS
-def test_workers_without_a_prepared_file_export_once(tmp_path):
-    """Two int8 workers started together on an empty cache: one export, one quantization."""
+def test_workers_without_a_prepared_file_prepare_it_once(cache, tmp_path):
+    """Two int8 workers started together, each told to prepare its model itself, on a cache
+    holding the fp32 export: one quantization (under the entry's lock), the other worker reuses
+    it. (The export itself takes the same lock; starting from the module's export keeps torch
+    out of these workers: 4-5 CPU-seconds each.)"""
     coord = Coordinator(tmp_path)
-    folder = tmp_path / "cache"
+    folder = _copy_cache(cache[0], tmp_path / "cache")
     try:
         for i in (0, 1):
             coord.start(i, backend="onnxruntime", precision="int8", seed=0, cpus=[CPUS[i]],
@@ -218,8 +221,9 @@ def test_workers_without_a_prepared_file_export_once(tmp_path):
             if head["type"] == p.READY:
                 ready[iid] = head
         records = [r["backend_info"]["prepared_in_worker"] for r in ready.values()]
-        assert sum(r["exports"] for r in records) == 1
+        assert sum(r["exports"] for r in records) == 0
         assert sum(r["quantizations"] for r in records) == 1
+        assert sorted(r["cache"] for r in records) == ["hit", "miss"]
         assert {r["model_path"] for r in records} == {str(next(folder.glob("*int8*.onnx")))}
         for i in (0, 1):
             coord.send(i, p.RUN, {"req": i}, _inputs(2, 16))
