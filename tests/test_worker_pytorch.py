@@ -133,6 +133,24 @@ def test_fp32_is_deterministic_and_summary_has_no_frame(pool):
     assert res["output"]["shape"] == [1, 8, 32]
 
 
+def test_loops_time_each_forward_and_answer_the_same_output(pool):
+    """PyTorchBackend.run_loops: the forward alone per pass, the output of the last one, which
+    is what one pass gives (fp32 is deterministic); a mask given is used in every pass."""
+    coord, _, _ = pool
+    ids = np.random.default_rng(6).integers(0, 1000, size=(2, 16), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    for arrays in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+        one, out1 = _run(coord, 0, {"req": "one", "want": "outputs"}, arrays)
+        many, out3 = _run(coord, 0, {"req": "many", "want": "outputs", "loops": 3}, arrays)
+        assert many["type"] == p.RESULT, many
+        assert len(many["compute_ns"]) == len(many["start_ns"]) == 3
+        assert all(c > 0 for c in many["compute_ns"])
+        starts, computes = many["start_ns"], many["compute_ns"]
+        assert all(b >= a + c for a, b, c in zip(starts, starts[1:], computes))
+        assert np.array_equal(out1["output"], out3["output"])
+
+
 def test_reused_input_buffers_give_each_request_its_own_outputs(pool):
     """The backend copies ids into one buffer per shape and reuses an all-ones mask: outputs must
     not depend on what ran before, in the same shape or another."""

@@ -78,6 +78,22 @@ class Backend(abc.ABC):
         backends without a model, a (batch, seq) summary of the input.
         """
 
+    def run_loops(self, arrays: Mapping[str, np.ndarray], loops: int
+                  ) -> tuple[np.ndarray, list[int], list[int]]:
+        """`loops` passes of the same batch back to back, each timed (time.monotonic_ns):
+        (the last output, each pass's start, each pass's duration). A backend may time less
+        than `run` does per pass (the forward alone: inputs set up once, the output converted
+        once after the last pass), as a bare loop would."""
+        import time
+
+        now, run = time.monotonic_ns, self.run
+        starts, computes = [0] * loops, [0] * loops
+        for k in range(loops):
+            t0 = now()
+            out = run(arrays)
+            starts[k], computes[k] = t0, now() - t0
+        return out, starts, computes
+
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
         """After load: {"threads": int, "model": {hidden_size, layers, parameters, vocab_size,
