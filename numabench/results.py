@@ -267,7 +267,7 @@ def _request_overhead(passes: list[Sample]) -> int:
 
 def _request_queue(passes: list[Sample]) -> int:
     """Coordinator send to the first pass's start."""
-    return min(s.start_ns for s in passes) - passes[0].sent_ns
+    return min(s.queue_ns for s in passes)
 
 
 def summarize(samples: list[Sample], mode: str, window_start_ns: int | None = None, *,

@@ -123,10 +123,8 @@ class ForkServer:
 
     # -- workers --
 
-    def fork(self, instance: int, config: Mapping[str, Any], env: Mapping[str, str], log_path: Path,
-             timeout_s: float = 30.0) -> Forked:
-        req = {"op": "fork", "instance": instance, "config": dict(config), "env": dict(env),
-               "log": str(log_path)}
+    def _fork_child(self, req: dict[str, Any], timeout_s: float, what: str) -> int:
+        """Send one request that forks a child; its pid, or ForkServerError."""
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
@@ -134,9 +132,15 @@ class ForkServer:
             raise ForkServerError(f"fork server {self.pid} is gone: {e}") from None
         reply = self._next_reply(timeout_s)
         if reply is None or reply.get("op") != "forked" or not isinstance(reply.get("pid"), int):
-            raise ForkServerError(f"fork server {self.pid} did not fork instance {instance}: "
+            raise ForkServerError(f"fork server {self.pid} did not fork {what}: "
                                   f"{reply!r} (log: {self.log_path})")
-        return Forked(self, reply["pid"])
+        return reply["pid"]
+
+    def fork(self, instance: int, config: Mapping[str, Any], env: Mapping[str, str], log_path: Path,
+             timeout_s: float = 30.0) -> Forked:
+        req = {"op": "fork", "instance": instance, "config": dict(config), "env": dict(env),
+               "log": str(log_path)}
+        return Forked(self, self._fork_child(req, timeout_s, f"instance {instance}"))
 
     def build_weights(self, model: str, seed: int, path: Path, log_path: Path,
                       timeout_s: float) -> str | None:
@@ -146,17 +150,13 @@ class ForkServer:
         req = {"op": "build_weights", "model": model, "seed": seed, "path": str(path),
                "log": str(log_path)}
         try:
-            self.proc.stdin.write((json.dumps(req) + "\n").encode())
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
+            pid = self._fork_child(req, 30.0, "a weights build")
+        except ForkServerError:
             return None
-        reply = self._next_reply(30.0)
-        if reply is None or reply.get("op") != "forked" or not isinstance(reply.get("pid"), int):
-            return None
-        code = self.exit_code(reply["pid"], timeout_s)
+        code = self.exit_code(pid, timeout_s)
         if code is None:  # still building after timeout_s: stop it, build here
             try:
-                os.killpg(reply["pid"], signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             return None

@@ -43,7 +43,7 @@ from numabench.launcher.options import (  # noqa: F401  (re-exported: launch's p
 from numabench.launcher.procs import ProcessGroup
 from numabench.launcher.progress import Progress
 from numabench.plans.model import Plan
-from numabench.results import RunResult, Sample, summarize
+from numabench.results import RunResult, Sample, requests_of, summarize
 from numabench.system.noise import NoiseRecorder
 from numabench.topology.model import Machine
 from numabench.workers import protocol
@@ -390,8 +390,8 @@ class _Run:
         """Which instances a measuring timeout waited on: those with the fewest replies (in
         split mode exactly the ones that did not answer the current step)."""
         counts = {i.id: 0 for i in self.plan.instances}
-        for s in {(s.instance, s.sent_ns) for s in self.samples}:  # replies, not passes (loops)
-            counts[s[0]] += 1
+        for request in requests_of(self.samples):  # replies, not passes (loops)
+            counts[request[0].instance] += 1
         low = min(counts.values())
         late = [i for i, c in counts.items() if c == low]
         return (f"no reply from instance{'s' if len(late) > 1 else ''} "

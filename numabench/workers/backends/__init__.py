@@ -84,20 +84,26 @@ class Backend(abc.ABC):
         (the last output, each pass's start, each pass's duration). A backend may time less
         than `run` does per pass (the forward alone: inputs set up once, the output converted
         once after the last pass), as a bare loop would."""
-        import time
-
-        now, run = time.monotonic_ns, self.run
-        starts, computes = [0] * loops, [0] * loops
-        for k in range(loops):
-            t0 = now()
-            out = run(arrays)
-            starts[k], computes[k] = t0, now() - t0
-        return out, starts, computes
+        return timed_passes(lambda: self.run(arrays), loops)
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
         """After load: {"threads": int, "model": {hidden_size, layers, parameters, vocab_size,
         max_positions, ...}} with what the framework actually runs."""
+
+
+def timed_passes(call: Callable[[], Any], loops: int) -> tuple[Any, list[int], list[int]]:
+    """Call `call` `loops` times back to back, two clock reads around each and nothing else
+    between: (the last result, each call's start, each call's duration), monotonic ns."""
+    import time
+
+    now = time.monotonic_ns
+    starts, computes = [0] * loops, [0] * loops
+    for k in range(loops):
+        t0 = now()
+        out = call()
+        starts[k], computes[k] = t0, now() - t0
+    return out, starts, computes
 
 
 def check_backend(backend: str, precision: str, options: Mapping[str, Any] | None = None) -> None:

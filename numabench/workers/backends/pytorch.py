@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from numabench.workers import models
-from numabench.workers.backends import Backend, check_options
+from numabench.workers.backends import Backend, check_options, timed_passes
 
 MAX_CACHED_SHAPES = 32
 
@@ -108,15 +108,9 @@ class PyTorchBackend(Backend):
         bert-tiny seq 32 forward on the 2-vCPU dev VM, the conversion 1.5% of it)."""
         if self._modes:  # modes not held (not a worker's main thread): entered per call by run
             return super().run_loops(arrays, loops)
-        import time
-
         ids, mask = self._inputs(arrays)
-        model, now = self.model, time.monotonic_ns
-        starts, computes = [0] * loops, [0] * loops
-        for k in range(loops):
-            t0 = now()
-            out = model(input_ids=ids, attention_mask=mask)
-            starts[k], computes[k] = t0, now() - t0
+        model = self.model
+        out, starts, computes = timed_passes(lambda: model(input_ids=ids, attention_mask=mask), loops)
         return out.last_hidden_state.float().numpy(), starts, computes
 
     def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
