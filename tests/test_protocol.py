@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from numabench.workers import protocol as p
 
@@ -233,4 +235,62 @@ def test_request_decoder_does_not_cache_a_header_holding_req_twice():
     assert d.decode([raw])[0]["req"] == 2
     # Same prefix, so a cached prefix would yield req 3 and keep the first "req": 1 out.
     again = raw[:-2] + b"3}"
+    assert d.decode([again])[0] == p.decode([again])[0]
+
+
+def test_request_decoder_reuses_arrays_only_for_the_same_bytes():
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    t = p.RequestTemplate(p.RUN, {"want": "shape"}, p.prepare_arrays({"input_ids": ids}))
+    assert all(type(f) is bytes for f in t.frames)  # sent without numpy's buffer export
+    d = p.RequestDecoder()
+    first = d.decode(t.encode(1))[1]
+    again = d.decode([t.encode(2)[0], bytes(bytearray(t.frames[0]))])[1]  # equal, not identical
+    assert again is first
+    changed = d.decode([t.encode(3)[0], (ids + 1).tobytes()])[1]
+    assert changed is not first and (changed["input_ids"] == ids + 1).all()
+    # Frames that are not bytes (zero-copy receives) are never taken as repeats.
+    d2 = p.RequestDecoder()
+    frames = [t.encode(1)[0], zmq.Frame(t.frames[0])]
+    a, b = d2.decode(frames)[1], d2.decode(frames)[1]
+    assert a is not b and (b["input_ids"] == ids).all()
+
+
+def _timings():
+    big = st.integers(min_value=0, max_value=10**19)
+    return st.tuples(big, big, big, big)
+
+
+@given(data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_result_decoder_gives_what_decode_gives(data):
+    """The coordinator's RESULT decoder: same headers as `decode` on encode_result streams,
+    mixed shapes, lists for loops, and arbitrary edits of the bytes."""
+    d = p.ResultDecoder()
+    shapes = [[8, 128], [2, 16], [1]]
+    for _ in range(data.draw(st.integers(1, 8))):
+        req, c, s, e = data.draw(_timings())
+        shape = data.draw(st.sampled_from(shapes))
+        if data.draw(st.booleans()):
+            frames = p.encode_result(req, c, s, e, {"shape": shape, "dtype": "float32"})
+        else:
+            frames = p.encode_result(req, [c, c], [s, e], e, {"shape": shape, "dtype": "float32"})
+        if data.draw(st.integers(0, 4)) == 0:  # a hostile or damaged reply
+            raw = bytearray(frames[0])
+            pos = data.draw(st.integers(0, len(raw) - 1))
+            raw[pos:pos + 1] = data.draw(st.binary(max_size=3))
+            frames = [bytes(raw)]
+        try:
+            ref = p.decode(frames)
+        except p.ProtocolError:
+            with pytest.raises(p.ProtocolError):
+                d.decode(frames)
+            continue
+        assert d.decode(frames) == ref
+
+
+def test_result_decoder_does_not_cache_a_tail_repeating_a_timing():
+    raw = b'{"req":1,"compute_ns":2,"start_ns":3,"end_ns":4,"output":{},"type":"RESULT","v":1,"arrays":[],"req":9}'
+    d = p.ResultDecoder()
+    assert d.decode([raw])[0]["req"] == 9 == p.decode([raw])[0]["req"]
+    again = raw.replace(b'"req":1,', b'"req":5,')
     assert d.decode([again])[0] == p.decode([again])[0]

@@ -182,6 +182,23 @@ def test_noop_worker_serves_until_stop(coord):
     coord.send(3, p.RUN, {"req": 99}, {"input_ids": ids})
     assert coord.recv_from(3)[0]["type"] == p.RESULT
 
+    # A resent shard skips the second decode and input check (same bytes, same dict): any other
+    # bytes under the same header are decoded and checked afresh, a bad one each time it comes.
+    good = p.RequestTemplate(p.RUN, {}, p.prepare_arrays({"input_ids": ids}))
+    halves = ids[::-1] // 2
+    other = p.RequestTemplate(p.RUN, {}, p.prepare_arrays({"input_ids": halves}))
+    bad = p.RequestTemplate(p.RUN, {}, p.prepare_arrays({"input_ids": ids + 1000}))
+    for req, template, checksum in [(100, good, ids.sum()), (101, good, ids.sum()), (102, bad, None),
+                                    (103, bad, None), (104, good, ids.sum()), (105, other, halves.sum()),
+                                    (106, good, ids.sum())]:
+        coord.send_raw(3, *template.encode(req))
+        res, _ = coord.recv_from(3)
+        assert res["req"] == req
+        if checksum is None:
+            assert res["type"] == p.ERROR and "vocabulary" in res["message"], res
+        else:
+            assert res["type"] == p.RESULT and res["output"]["checksum"] == float(checksum), res
+
     coord.send(3, p.STOP)
     bye, _ = coord.recv_from(3)
     assert bye["type"] == p.BYE and bye["instance"] == 3

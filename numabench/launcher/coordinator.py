@@ -66,6 +66,7 @@ class Coordinator:
         self.poller.register(self.sock, zmq.POLLIN)
         self._last_alive_check = 0.0
         self._identities: dict[int, bytes] = {}
+        self._decoder = protocol.ResultDecoder()  # timed RESULTs without a JSON parse
 
     @property
     def socket(self) -> zmq.Socket:
@@ -142,7 +143,7 @@ class Coordinator:
             while more(RCVMORE):
                 frames.append(sock.recv(copy=False))
             instance = int(ident)
-            header, arrays = protocol.decode(frames)
+            header, arrays = self._decoder.decode(frames)
             if header["type"] == protocol.ERROR and header.get("fatal", True):
                 raise WorkerFailed(instance, self._failure_text(
                     instance, f"reported: {header.get('message', 'unknown error')}"))

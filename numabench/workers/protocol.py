@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,7 +124,10 @@ class RequestTemplate:
                  arrays: dict[str, np.ndarray] | PreparedArrays | None = None):
         if header and "req" in header:
             raise ProtocolError("a template's header must not hold 'req': it is added per message")
-        raw, *self.frames = encode(msg_type, header, arrays)
+        raw, *frames = encode(msg_type, header, arrays)
+        # bytes, not the arrays' memoryviews: numpy's buffer export costs microseconds on every
+        # send, a copy made once does not
+        self.frames = [f if type(f) is bytes else bytes(f) for f in frames]
         self._prefix = raw[:-1] + b',"req":'  # raw always holds type, v and arrays
 
     def encode(self, req: int) -> list[Any]:
@@ -134,13 +138,20 @@ class RequestDecoder:
     """`decode` for a stream of messages that mostly differ only in a trailing "req" (what a
     RequestTemplate sends): a header whose bytes before `,"req":N}` equal the last fully decoded
     one's reuses its parsed, checked fields and array specs; only the array frames' sizes are
-    checked again. Anything else is decoded in full, so the result is always what `decode` gives."""
+    checked again. Anything else is decoded in full, so the result is always what `decode` gives.
+
+    Array frames received as bytes that repeat the previous message's byte for byte (a benchmark
+    resends one shard) give back the very same arrays dict: a memcmp instead of building arrays,
+    and a caller may reuse what it derived from them (the worker its input check). Callers must
+    not modify the dict."""
 
     def __init__(self, types: frozenset[str] = MESSAGE_TYPES):
         self.types = types
         self._prefix: bytes | None = None
         self._head: dict[str, Any] = {}
         self._arrays: tuple[tuple[str, np.dtype, tuple[int, ...], int], ...] = ()
+        self._frames: tuple[bytes, ...] | None = None  # the last array frames, when all bytes
+        self._decoded: dict[str, np.ndarray] = {}  # ... and the arrays decoded from them
 
     def decode(self, frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if not frames:
@@ -152,20 +163,32 @@ class RequestDecoder:
         # A JSON integer: digits without a leading zero (bytes.isdigit is ASCII only).
         if (cut > 0 and raw[:cut] == self._prefix and raw.endswith(b"}") and len(req) <= 20 and req.isdigit()
                 and (req[:1] != b"0" or req == b"0") and len(frames) == len(self._arrays) + 1):
+            body = tuple(frames[1:])
+            head = self._head.copy()
+            head["req"] = int(req)
+            if body == self._frames:  # bytes only (see _keep): equal means a memcmp each
+                return head, self._decoded
             arrays: dict[str, np.ndarray] = {}
-            for (name, dt, shape, nbytes), frame in zip(self._arrays, frames[1:]):
+            for (name, dt, shape, nbytes), frame in zip(self._arrays, body):
                 buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
                 if buf.nbytes != nbytes:
                     raise ProtocolError(f"array {name!r}: frame has {buf.nbytes} bytes, shape "
                                         f"{list(shape)} of {dt.name} needs {nbytes}")
                 arrays[name] = np.frombuffer(buf.cast("B") if buf.format != "B" else buf,
                                              dtype=dt).reshape(shape)
-            head = self._head.copy()
-            head["req"] = int(req)
+            self._keep(body, arrays)
             return head, arrays
         head, arrays = decode(frames, self.types)
         self._remember(raw, cut, head, arrays)
+        self._keep(tuple(frames[1:]), arrays)
         return head, arrays
+
+    def _keep(self, body: tuple[Any, ...], arrays: dict[str, np.ndarray]) -> None:
+        # Only bytes compare by content (a Frame or memoryview may not, or may change under us).
+        if all(type(f) is bytes for f in body):
+            self._frames, self._decoded = body, arrays
+        else:
+            self._frames, self._decoded = None, {}
 
     def _remember(self, raw: bytes, cut: int, head: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Cache `head` when its bytes are a req-less header plus `,"req":N}` (checked by parsing
@@ -184,23 +207,75 @@ class RequestDecoder:
         self._prefix = raw[:cut]
 
 
+_RESULT_TAILS: dict[tuple[tuple[int, ...], str], bytes] = {}  # (shape, dtype) -> bytes after end_ns
+
+
 def encode_result(req: Any, compute_ns: int | list[int], start_ns: int | list[int], end_ns: int,
                   output: dict[str, Any]) -> list[Any]:
     """A RESULT without array frames, formatted directly: the same JSON as `encode` gives for
     it (modulo key order) at a fraction of its cost on the path of every request. compute_ns and
-    start_ns are lists (one per pass) for a RUN with "loops"."""
-    if type(req) is not int or set(output) != {"shape", "dtype"}:
+    start_ns are lists (one per pass) for a RUN with "loops". Its timings come first and the
+    rest (`_result_tail`, formatted once per output shape) last, which ResultDecoder relies on."""
+    if type(req) is not int or len(output) != 2 or "shape" not in output or output.get("dtype") not in _DTYPE_NAMES:
         return encode(RESULT, {"req": req, "compute_ns": compute_ns, "start_ns": start_ns,
                                "end_ns": end_ns, "output": output})
-    shape = ",".join(str(int(d)) for d in output["shape"])
+    key = (tuple(output["shape"]), output["dtype"])
+    tail = _RESULT_TAILS.get(key)
+    if tail is None:
+        tail = _result_tail(*key)
     if type(compute_ns) is list:
-        compute = "[" + ",".join(map(str, compute_ns)) + "]"
-        start = "[" + ",".join(map(str, start_ns)) + "]"  # type: ignore[arg-type]
-    else:
-        compute, start = compute_ns, start_ns  # type: ignore[assignment]
-    return [(f'{{"req":{req},"compute_ns":{compute},"start_ns":{start},"end_ns":{end_ns},'
-             f'"output":{{"shape":[{shape}],"dtype":"{output["dtype"]}"}},"type":"RESULT","v":'
-             f'{PROTOCOL_VERSION},"arrays":[]}}').encode()]
+        return [b'{"req":%d,"compute_ns":[%s],"start_ns":[%s],"end_ns":%d%s' % (
+            req, ",".join(map(str, compute_ns)).encode(), ",".join(map(str, start_ns)).encode(),  # type: ignore[arg-type]
+            end_ns, tail)]
+    return [b'{"req":%d,"compute_ns":%d,"start_ns":%d,"end_ns":%d%s' % (req, compute_ns, start_ns, end_ns, tail)]
+
+
+def _result_tail(shape: tuple[int, ...], dtype: str) -> bytes:
+    tail = (f',"output":{{"shape":[{",".join(str(int(d)) for d in shape)}],"dtype":"{dtype}"}},'
+            f'"type":"RESULT","v":{PROTOCOL_VERSION},"arrays":[]}}').encode()
+    if len(_RESULT_TAILS) < 64:  # a worker sees a few shapes; a hostile stream must not grow it
+        _RESULT_TAILS[shape, dtype] = tail
+    return tail
+
+
+_DTYPE_NAMES = frozenset(_NAMES.values())
+# A RESULT as encode_result formats it for one pass: four JSON integers, then the tail.
+_INT = rb"(0|[1-9][0-9]{0,18})"
+_RESULT_HEAD = re.compile(rb'\{"req":%s,"compute_ns":%s,"start_ns":%s,"end_ns":%s(,"output":.*)\Z'
+                          % (_INT, _INT, _INT, _INT), re.DOTALL)
+
+
+class ResultDecoder:
+    """`decode` for the RESULTs of a timed run (what encode_result formats for one pass): a
+    header whose bytes after its four timings equal those of one fully decoded before (one per
+    output shape: instances may differ) reuses that decoded rest and reads the four integers
+    directly instead of parsing JSON. Anything else is decoded in full, so the result is always
+    what `decode` gives. Callers must not modify the nested values ("output"): they are shared."""
+
+    MAX_TAILS = 64
+
+    def __init__(self, types: frozenset[str] = MESSAGE_TYPES):
+        self.types = types
+        self._rests: dict[bytes, dict[str, Any]] = {}  # tail bytes -> the header's other keys
+
+    def decode(self, frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        first = frames[0] if frames else None
+        m = _RESULT_HEAD.match(first) if type(first) is bytes and len(frames) == 1 else None
+        if m is not None:
+            rest = self._rests.get(m[5])
+            if rest is not None:
+                head = rest.copy()
+                head["req"], head["compute_ns"], head["start_ns"], head["end_ns"] = (
+                    int(m[1]), int(m[2]), int(m[3]), int(m[4]))
+                return head, {}
+        head, arrays = decode(frames, self.types)
+        if (m is not None and head["type"] == RESULT and not arrays and len(self._rests) < self.MAX_TAILS
+                and (head.get("req"), head.get("compute_ns"), head.get("start_ns"), head.get("end_ns"))
+                == (int(m[1]), int(m[2]), int(m[3]), int(m[4]))):
+            # The four leading values held: the tail repeats none of those keys.
+            self._rests[m[5]] = {k: v for k, v in head.items()
+                                 if k not in ("req", "compute_ns", "start_ns", "end_ns")}
+        return head, arrays
 
 
 def decode(frames: Sequence[Any], types: frozenset[str] = MESSAGE_TYPES
