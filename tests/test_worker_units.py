@@ -143,6 +143,25 @@ def test_noop_backend_in_process():
     assert info["threads"] == 3 and info["model"]["vocab_size"] == 1000
 
 
+def test_noop_backend_reuses_its_output_only_for_the_same_immutable_input():
+    backend = create_backend("noop")
+    backend.load(models.resolve_model("bert-tiny"), "fp32", 1, {})
+    frozen = np.frombuffer(np.arange(6, dtype=np.int64).tobytes(), dtype=np.int64).reshape(2, 3)
+    first = backend.run({"input_ids": frozen})
+    assert backend.run({"input_ids": frozen}) is first  # what a resent shard decodes to
+    # A writable array may change between calls: converted each time.
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    assert backend.run({"input_ids": ids}).sum() == 15
+    ids += 1
+    assert backend.run({"input_ids": ids}).sum() == 21
+    # A read-only view of writable memory is not trusted either.
+    view = ids.view()
+    view.flags.writeable = False
+    assert backend.run({"input_ids": view}).sum() == 21
+    ids += 1
+    assert backend.run({"input_ids": view}).sum() == 27
+
+
 # ---- worker config ----
 
 BASE = {"instance": 2, "endpoint": "ipc:///tmp/x.sock", "model": "bert-tiny"}

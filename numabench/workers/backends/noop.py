@@ -23,6 +23,9 @@ class NoopBackend(Backend):
         self.spin = False
         self.threads = 1
         self.spec: Any = None
+        # The last input array and its output: a resent shard (the worker's decoder hands back
+        # the same array for the same bytes) costs no conversion, so the no-op costs ~nothing.
+        self._last: tuple[Any, np.ndarray | None] = (None, None)
 
     def load(self, spec: Any, precision: str, threads: int, options: Mapping[str, Any],
              seed: int = 0) -> None:
@@ -34,7 +37,11 @@ class NoopBackend(Backend):
 
     def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         start = time.monotonic_ns()
-        out = np.asarray(arrays["input_ids"], dtype=np.float32)
+        ids = arrays["input_ids"]
+        last, out = self._last
+        if ids is not last or out is None:
+            out = np.asarray(ids, dtype=np.float32)
+            self._last = (ids, out) if _immutable(ids) else (None, None)
         if self.compute_ns > 0:
             deadline = start + self.compute_ns
             if self.spin:
@@ -56,6 +63,13 @@ class NoopBackend(Backend):
             },
             "options": {"compute_ns": self.compute_ns, "spin": self.spin},
         }
+
+
+def _immutable(a: Any) -> bool:
+    """An array over bytes (what the worker decodes): nothing can change it behind our back."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return type(a) is bytes
 
 
 BACKEND_CLASS = NoopBackend
