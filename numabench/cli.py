@@ -16,6 +16,7 @@ from numabench.launcher.options import (
     DEFAULT_READY_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
     LOOPS_TARGET_NS,
+    LOOPS_TARGET_SHARED_NS,
     MAX_REPEAT,
     MODES,
     TRANSPORTS,
@@ -291,8 +292,9 @@ loops_option = click.option(
     "--loops", default="auto", show_default=True, callback=_loops,
     help="throughput mode: forward passes per request, back to back and each timed, so "
          "numabench's own cost per message is paid once per request; auto: calibrated per "
-         f"instance to about {LOOPS_TARGET_NS // 1_000_000} ms of compute per request; 1: one pass per "
-         "message.")
+         f"instance to about {LOOPS_TARGET_NS // 1_000_000} ms of compute per request "
+         f"({LOOPS_TARGET_SHARED_NS // 1_000_000} ms when every CPU runs a worker, so the coordinator "
+         "wakes on workers' CPUs less often); 1: one pass per message.")
 
 start_option = click.option(
     "--start", type=click.Choice(["fork", "exec"]), default="fork", show_default=True,

@@ -321,17 +321,25 @@ def test_throughput_loops_given_and_calibrated_are_recorded_and_each_pass_timed(
     # per request: end-to-end minus the compute of all its passes
     assert doc["summary"]["overhead"]["count"] == 6
     assert "passes" in r.stdout and "latency of a request of several forward passes" in r.stdout
-    # Calibrated (the default): about 50 ms of compute per request, from the instance's passes
-    out = tmp_path / "auto.json"
-    r = launch("--instances", "1", "--batch", "1", "--seq", "8", "--backend", "noop", "--model", "bert-tiny",
-               "--mode", "throughput", "--iterations", "12", "--compute-us", "10000",
-               "--run-dir", str(tmp_path / "auto"), "-o", str(out))
-    assert r.returncode == 0, r.stderr
-    loops = json.loads(out.read_text())["environment"]["loops"]
-    assert loops["calibrated"] is True and loops["target_ms"] == 50
-    assert 1 < loops["per_instance"]["0"] <= 5  # a 10 ms pass: 5, fewer where sleeps overshoot
-    samples = samples_from_columns(json.loads(out.read_text())["raw"])
-    assert max(len(r) for r in requests_of(samples)) == loops["per_instance"]["0"]
+    # Calibrated (the default): about 50 ms of compute per request from the instance's passes,
+    # 200 ms when the coordinator shares the workers' CPUs (one instance on every CPU).
+    seen = set()
+    for name, extra in (("own", ("--cores-per-instance", "1")), ("shared", ())):
+        out = tmp_path / f"{name}.json"
+        r = launch("--instances", "1", "--batch", "1", "--seq", "8", "--backend", "noop", "--model",
+                   "bert-tiny", "--mode", "throughput", "--iterations", "24", "--compute-us", "10000",
+                   *extra, "--run-dir", str(tmp_path / name), "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(out.read_text())
+        loops, shared = doc["environment"]["loops"], doc["environment"]["coordinator"]["shares_cpus_with_workers"]
+        target = 200 if shared else 50
+        seen.add(target)
+        assert loops["calibrated"] is True and loops["target_ms"] == target
+        # a 10 ms pass: target / 10, fewer where sleeps overshoot
+        assert 1 < loops["per_instance"]["0"] <= target // 10
+        samples = samples_from_columns(doc["raw"])
+        assert max(len(r) for r in requests_of(samples)) == min(24, loops["per_instance"]["0"])
+    assert seen == ({50, 200} if len(os.sched_getaffinity(0)) > 1 else {200})
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from numabench.errors import LaunchError
 from numabench.launcher.coordinator import WorkerFailed
 from numabench.launcher.measure import (
     LOOPS_TARGET_NS,
@@ -168,6 +169,38 @@ def test_a_dead_worker_with_loops_leaves_its_requests_with_their_pass_counts():
                 state=m)
     lost = [(p.step, p.loops) for p in m.unanswered() if p.instance == 1]
     assert lost == [(8, 4), (12, 4)]  # two requests of 4 passes each: steps 8-11 and 12-15
+
+
+class BadTimings(ScriptedWorkers):
+    """Answers its third reply with `bad` as the timings."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def recv(self, timeout_s, watching=None, what="a reply"):
+        iid, head, arrays = super().recv(timeout_s, watching, what)
+        if sum(self.replied.values()) == 3:
+            head = {**head, **self.bad}
+        return iid, head, arrays
+
+
+@pytest.mark.parametrize("loops,bad,match", [
+    (3, {"compute_ns": [1, 2]}, "3 passes with a list of 2 compute_ns"),
+    (3, {"start_ns": 5}, "list of 3 compute_ns and a single start_ns"),
+    (1, {"compute_ns": [1]}, "1 pass with a list of 1 compute_ns"),
+    (1, {"compute_ns": 1.5}, "not integers"),
+    (3, {"start_ns": [1, 2, True]}, "not integers"),
+    (1, {"start_ns": None}, "not integers"),
+])
+def test_a_reply_with_bad_timings_fails_the_run_and_keeps_what_came_before(loops, bad, match):
+    m = Measurement()
+    with pytest.raises(LaunchError, match=match):
+        measure(BadTimings(bad), BATCHES, PAYLOADS, "throughput",
+                Limits(iterations=30, inflight=2, loops={0: loops, 1: loops}), state=m)
+    # the two good replies became samples (made when read, after the loop), the bad one did not
+    assert len(m.samples) == m.passes == 2 * loops
+    assert all(type(s.compute_ns) is int for s in m.samples)
 
 
 def test_calibrate_takes_the_fastest_pass_and_aims_at_the_target():

@@ -16,7 +16,8 @@ caches it disturbs: 10-20% of a 0.7 ms bert-tiny forward on the 2-vCPU dev VM) i
 `loops` passes, as pyperf amortizes its timer over loops. Each pass is a Sample; the passes of
 one request share its `sent_ns` and `received_ns`, and each one's queue time (start - sent) counts
 the passes before it: they were requested together and waited for each other. `calibrate` picks
-the count per instance from a few single passes: at least LOOPS_TARGET_NS of compute.
+the count per instance from a few single passes: at least a target of compute (launch takes a
+longer one when the coordinator shares the workers' CPUs, options.LOOPS_TARGET_SHARED_NS).
 
 The coordinator-like object needs `send_frames(instance, frames)` and
 `recv(timeout_s, watching=, what=)` -> (instance, header, arrays); see coordinator.py. Each
@@ -80,13 +81,36 @@ class Pending(NamedTuple):
 
 class Measurement:
     """The loop's state: answered samples and requests still in flight, readable at any time
-    (a run that fails midway saves both)."""
+    (a run that fails midway saves both).
+
+    A reply is kept as it came (request, receive time, the worker's timings) and made into
+    Samples only when `samples` is read: not on the coordinator's path per reply, where with
+    every CPU a worker's it takes a worker's CPU (one Sample per pass: ~50 per bert-tiny reply)."""
 
     def __init__(self) -> None:
-        self.samples: list[Sample] = []
+        self._samples: list[Sample] = []
+        self._answers: list[tuple[Pending, int, Any, Any]] = []  # (request, received_ns, compute, start)
+        self.passes = 0  # answered so far
         self.pending: dict[int, Pending] = {}  # req -> request
         self.window_start_ns: int | None = None
         self._req = 0
+
+    @property
+    def samples(self) -> list[Sample]:
+        if self._answers:
+            answers, self._answers = self._answers, []
+            for p, received, compute, start in answers:
+                if p.loops == 1:
+                    self._samples.append(Sample(p.instance, p.step, p.batch, p.sent_ns, received,
+                                                int(compute), int(start)))
+                else:
+                    self._samples.extend(Sample(p.instance, p.step + k, p.batch, p.sent_ns, received,
+                                                int(c), int(t)) for k, (c, t) in enumerate(zip(compute, start)))
+        return self._samples
+
+    def answered(self, p: Pending, received_ns: int, compute: Any, start: Any) -> None:
+        self._answers.append((p, received_ns, compute, start))
+        self.passes += p.loops
 
     def unanswered(self) -> list[Pending]:
         return sorted(self.pending.values(), key=lambda p: (p.instance, p.step))
@@ -98,12 +122,13 @@ class Measurement:
 CALIBRATION_PASSES = 3
 
 
-def loops_for(compute_ns: int) -> int:
-    """Passes per request for a forward of compute_ns: enough for LOOPS_TARGET_NS (pure)."""
-    return max(1, min(protocol.MAX_LOOPS, math.ceil(LOOPS_TARGET_NS / max(compute_ns, 1))))
+def loops_for(compute_ns: int, target_ns: int = LOOPS_TARGET_NS) -> int:
+    """Passes per request for a forward of compute_ns: enough for target_ns (pure)."""
+    return max(1, min(protocol.MAX_LOOPS, math.ceil(target_ns / max(compute_ns, 1))))
 
 
-def calibrate(channel: Channel, payloads: Mapping[int, Payload], timeout_s: float) -> dict[int, int]:
+def calibrate(channel: Channel, payloads: Mapping[int, Payload], timeout_s: float,
+              target_ns: int = LOOPS_TARGET_NS) -> dict[int, int]:
     """Loops per instance from its fastest of CALIBRATION_PASSES single passes (all instances at
     once, before the clock starts; nothing of it is a sample)."""
     best: dict[int, int] = {}
@@ -121,7 +146,7 @@ def calibrate(channel: Channel, payloads: Mapping[int, Payload], timeout_s: floa
             if type(compute) is not int or compute < 0:
                 raise LaunchError(f"instance {iid} answered a calibration request with compute_ns {compute!r}")
             best[iid] = min(best.get(iid, compute), compute)
-    return {iid: loops_for(ns) for iid, ns in best.items()}
+    return {iid: loops_for(ns, target_ns) for iid, ns in best.items()}
 
 
 def make_payloads(instances: Sequence[Any], seq: int, seed: int, vocab: Mapping[int, int],
@@ -166,7 +191,7 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
                 protocol.RUN, {"want": "shape", **payloads[iid][0], **extra}, payloads[iid][1]).encode
         return enc
 
-    pending, samples = m.pending, m.samples
+    pending, answered = m.pending, m.answered
     send_frames, recv, now_ns = channel.send_frames, channel.recv, time.monotonic_ns
     # a request of n passes may take n times as long as one
     timeout_s, RESULT = limits.request_timeout_s * max(loops.values(), default=1), protocol.RESULT
@@ -188,15 +213,17 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
                 raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
             raise LaunchError(f"instance {iid} sent an unexpected {kind} message")
         compute, start = head["compute_ns"], head["start_ns"]
-        if p.loops == 1:
-            samples.append(Sample(p.instance, p.step, p.batch, p.sent_ns, received, int(compute), int(start)))
-        elif type(compute) is list and type(start) is list and len(compute) == len(start) == p.loops:
-            samples.extend(Sample(p.instance, p.step + k, p.batch, p.sent_ns, received, int(c), int(t))
-                           for k, (c, t) in enumerate(zip(compute, start)))
-        else:
-            raise LaunchError(f"instance {iid} answered a request of {p.loops} passes with "
-                              f"{len(compute) if type(compute) is list else 1} timings")
-        return p.instance
+        # The timings are checked here, made into Samples later (Measurement.samples).
+        if p.loops == 1 if type(compute) is not list else (
+                type(start) is list and len(compute) == len(start) == p.loops):
+            if not all(_is_int(x) for x in (compute, start)) if p.loops == 1 else not (
+                    all(map(_is_int, compute)) and all(map(_is_int, start))):
+                raise LaunchError(f"instance {iid} sent timings that are not integers")
+            answered(p, received, compute, start)
+            return p.instance
+        got = f"a list of {len(compute)}" if type(compute) is list else "a single"
+        raise LaunchError(f"instance {iid} answered a request of {p.loops} pass{'es' if p.loops != 1 else ''} "
+                          f"with {got} compute_ns and {'a list' if type(start) is list else 'a single'} start_ns")
 
     m.window_start_ns = time.monotonic_ns()
     deadline = (m.window_start_ns + int(limits.duration_s * 1e9)
@@ -236,7 +263,7 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
                 if more(sent[iid]):  # a credit came back: the worker's next input, at once
                     top_up(iid)
                 if on_progress:
-                    on_progress(f"measuring: {len(samples)} passes" if len(samples) != done
+                    on_progress(f"measuring: {m.passes} passes" if m.passes != done
                                 else f"measuring: {done} requests")
     except WorkerFailed as e:
         left = m.in_flight(e.instance)
@@ -244,6 +271,10 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
             raise WorkerFailed(e.instance, _with_unanswered(str(e), left)) from None
         raise
     return m
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # JSON gives int for integers; a float or bool is not a timing
 
 
 def _with_unanswered(message: str, left: int) -> str:
