@@ -121,3 +121,22 @@ LONGEST_FIRST = ("test_launch.py", "test_onnxruntime.py", "test_shared_weights.p
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# Files whose tests import torch in the test process itself (an ONNX export, a weights build,
+# transformers' AutoTokenizer): 4-5 CPU-seconds per xdist worker that imports it. Under
+# --dist loadfile they are one work unit, so one worker imports torch once for all of them.
+TORCH_IN_PROCESS = frozenset({"test_onnxruntime.py", "test_shared_weights.py", "test_text_tokens.py"})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None  # xdist's own scheduler for any other --dist
+    from xdist.scheduler import LoadFileScheduling
+
+    class TorchFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "torch-in-process" if os.path.basename(path) in TORCH_IN_PROCESS else path
+
+    return TorchFilesTogether(config, log)
