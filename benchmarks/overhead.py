@@ -43,7 +43,8 @@ def _echo(endpoint: str, cpus: list[int]) -> None:
     sock.connect(endpoint)
     sock.send(b"hello")
     while True:
-        frames = sock.recv_multipart(copy=False)
+        # Frames as bytes: for small messages cheaper than zero-copy Frame objects.
+        frames = sock.recv_multipart()
         if len(frames) == 1:
             return
         sock.send(b'{"type":"RESULT"}')
@@ -58,12 +59,14 @@ def transport_floor(iterations: int, batch: int, seq: int, cpus: list[int]) -> f
         proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, cpus))
         proc.start()
         ident, _ = sock.recv_multipart()
-        shard = np.zeros((batch, seq), dtype=np.int64)
+        # The cheapest pyzmq can do: the shard as bytes (sending a numpy array costs its buffer
+        # export, microseconds per send), replies received as bytes.
+        shard = np.zeros((batch, seq), dtype=np.int64).tobytes()
         rtt = []
         for _ in range(iterations):
             t0 = time.monotonic_ns()
             sock.send_multipart([ident, b'{"type":"RUN"}', shard])
-            sock.recv_multipart(copy=False)
+            sock.recv_multipart()
             rtt.append(time.monotonic_ns() - t0)
         sock.send_multipart([ident, b"stop"])
         proc.join(10)
@@ -99,10 +102,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
-    ap.add_argument("--io-threads-on-worker-cpus", dest="io_threads_off_cores", action="store_false",
-                    help="keep each worker's ZeroMQ threads on its own CPUs (as the bare echo has them)")
+    ap.add_argument("--io-threads", choices=["auto", "off", "on"], default="auto",
+                    help="each worker's ZeroMQ threads on its own CPUs (on, as the bare echo has them), "
+                         "on a CPU the plan leaves free (off), or numabench's choice (auto: here on)")
     ap.add_argument("-o", "--output", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
+    args.io_threads_off_cores = {"auto": None, "off": True, "on": False}[args.io_threads]
 
     machine = read_machine("/")
     plan = plan_for_launch(machine, instances=args.instances, cores_per_instance=args.cores_per_instance,

@@ -28,6 +28,7 @@ from numabench.plans import plan_for_launch
 from numabench.topology import read_machine
 
 GOAL = 0.98
+IO_THREADS = {"auto": None, "off": True, "on": False}  # -> LaunchOptions.io_threads_off_cores
 HERE = Path(__file__).resolve().parent
 
 
@@ -97,9 +98,10 @@ def main() -> int:
                     help="numabench: forward passes per request (default auto, numabench's own)")
     ap.add_argument("--omp-runtime", choices=["gnu", "intel"], default="gnu", help="both sides")
     ap.add_argument("--no-pin-threads", dest="pin_threads", action="store_false", help="both sides")
-    ap.add_argument("--io-threads-on-worker-cpus", dest="io_threads_off_cores", action="store_false",
-                    help="numabench: keep each worker's ZeroMQ threads on its own CPUs (default: on a "
-                         "CPU the plan leaves free, when there is one)")
+    ap.add_argument("--io-threads", choices=IO_THREADS, default="auto",
+                    help="numabench: each worker's ZeroMQ threads on its own CPUs (on), on a CPU the "
+                         "plan leaves free (off), or numabench's choice (auto: off only for --loops 1 "
+                         "with more than one in flight)")
     ap.add_argument("--batch", type=int, default=2, help="per instance")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--model", default="bert-base-cased")
@@ -108,6 +110,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
+    args.io_threads_off_cores = IO_THREADS[args.io_threads]
 
     machine = read_machine("/")
     plan = plan_for_launch(machine, instances=args.instances, cores_per_instance=args.cores_per_instance,

@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
     args.pin_threads = True  # numabench's default; run_cpu keeps its own
-    args.io_threads_off_cores = True  # numabench's default (needs a CPU the plan leaves free)
+    args.io_threads_off_cores = None  # numabench's default
 
     machine = read_machine("/")
     plan = plan_for_launch(machine, instances=args.instances, cores_per_instance=args.cores_per_instance,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -427,7 +428,10 @@ def test_coordinator_placement_is_recorded_and_restored(tmp_path):
     before = os.sched_getaffinity(0)
     workload = Workload(model="bert-tiny", backend="noop", seq=8, mode="throughput", iterations=3, warmup=1)
     one = plan_for_launch(machine, cpus=(USABLE[0],), batch=1)
-    doc = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "one", progress=False)).to_dict()
+    # One pass per request, two in flight: each message reaches a computing worker, so its
+    # ZeroMQ threads go to the coordinator's CPUs (the default decides so, as True does).
+    doc = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "one", progress=False,
+                                                           loops=1)).to_dict()
     where = doc["environment"]["coordinator"]
     assert where["pinned"] is True and USABLE[0] not in where["cpus"] and where["cpus"]
     assert "coordinator pinned to CPUs" in (tmp_path / "one" / "launch.log").read_text()
@@ -435,10 +439,17 @@ def test_coordinator_placement_is_recorded_and_restored(tmp_path):
     assert doc["environment"]["worker_io_cpus"] == {"0": where["cpus"]}
     got = doc["instances"]["0"]["got"]
     assert got["io_threads"] == {"cpus": where["cpus"], "error": None} and got["affinity"] == [USABLE[0]]
-    kept = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / "kept", progress=False,
-                                                            io_threads_off_cores=False)).to_dict()
-    assert kept["environment"]["worker_io_cpus"] == {}
-    assert kept["instances"]["0"]["got"]["io_threads"]["cpus"] is None
+    # Anywhere else (here: calibrated loops) a message finds the worker waiting or comes once
+    # per many passes: they stay on the instance's CPU, as False asks for any workload.
+    for name, opts in (("auto", {}), ("kept", {"loops": 1, "io_threads_off_cores": False})):
+        kept = run_launch(machine, one, workload, LaunchOptions(run_dir=tmp_path / name, progress=False,
+                                                                **opts)).to_dict()
+        assert kept["environment"]["worker_io_cpus"] == {}, name
+        assert kept["instances"]["0"]["got"]["io_threads"]["cpus"] is None
+        assert kept["environment"]["coordinator"]["pinned"] is True  # the coordinator itself still is
+    forced = run_launch(machine, one, replace(workload, mode="split"), LaunchOptions(
+        run_dir=tmp_path / "forced", progress=False, io_threads_off_cores=True)).to_dict()
+    assert forced["environment"]["worker_io_cpus"] == {"0": where["cpus"]}
     assert os.sched_getaffinity(0) == before  # given back after the run
     every = plan_for_launch(machine, instances=len(USABLE), batch=len(USABLE))
     doc = run_launch(machine, every, workload, LaunchOptions(run_dir=tmp_path / "all", progress=False)).to_dict()

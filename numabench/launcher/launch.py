@@ -239,10 +239,13 @@ class _Run:
         fork, why_exec = self.start_method()
         self._servers = group.servers
         self.start_record = {"method": "fork" if fork else "exec", "why_exec": why_exec}
+        io_off = self.opts.io_threads_off_cores
+        if io_off is None:  # options.py: off only where messages would preempt a worker's compute
+            io_off = w.mode == "throughput" and self.opts.inflight > 1 and self.opts.loops == 1
         for inst in self.plan.instances:
             # unbound instances (--binder none, the oob baseline) get no placement at all
             io_cpus = (placement.io_thread_cpus(self.machine, where, inst.cpus)
-                       if self.opts.io_threads_off_cores and binder.binds_cpus else None)
+                       if io_off and binder.binds_cpus else None)
             if io_cpus is not None:
                 io_moved[str(inst.id)] = list(io_cpus)
             cfg = spawn.worker_config(

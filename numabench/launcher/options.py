@@ -80,8 +80,13 @@ class LaunchOptions:
     # (no OMP/MKL variables, no set_num_threads): the framework's own defaults, recorded as got.
     framework_defaults: bool = False
     # Each worker's ZeroMQ threads on the coordinator's CPUs when the plan leaves any free
-    # (off the compute cores); False keeps them on the instance's CPUs.
-    io_threads_off_cores: bool = True
+    # (True) or on the instance's own (False). None: off only where messages reach a worker
+    # while it computes, one pass each (throughput mode, --loops 1, more than one in flight):
+    # there each wake-up preempts the compute (2 involuntary switches per request). Elsewhere
+    # a message finds the worker waiting, or comes once per many passes, and a wake-up on the
+    # worker's own CPU is the cheaper one: the no-op round trip with one in flight was 1.21-1.24x
+    # bare pyzmq on the instance's CPU against 1.29-1.44x off it (2-vCPU dev VM).
+    io_threads_off_cores: bool | None = None
     # fork: workers forked from a fork server per NUMA node that imported the framework once
     # (shared runtime pages, fast start-up); exec: each worker a fresh interpreter.
     start: str = "fork"
