@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -340,8 +341,11 @@ def test_launch_maps_the_nodes_copy_then_removes_it(tmp_path, shm_dir):
 @needs_shm
 def test_next_run_removes_the_copy_of_a_killed_launcher_whatever_it_runs(tmp_path, shm_dir):
     run_dir = tmp_path / "killed"
+    # The killed launcher cannot remove its socket folder: it goes in one of ours (short, for
+    # AF_UNIX's path limit), removed at the end, not in /tmp.
+    sockets = tempfile.mkdtemp(prefix="nbk-")
     proc = subprocess.Popen(_launch_argv(run_dir, shm_dir, "--duration", "60", instances=1),
-                            env=_env(), stdout=subprocess.DEVNULL,
+                            env={**_env(), "TMPDIR": sockets}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         _wait_for(run_dir / "launch.log", "instances ready", proc)
@@ -352,6 +356,7 @@ def test_next_run_removes_the_copy_of_a_killed_launcher_whatever_it_runs(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        shutil.rmtree(sockets, ignore_errors=True)
     # The orphaned workers notice their parent is gone and exit on their own.
     _, alive = psutil.wait_procs(workers, timeout=30)
     for p in alive:
