@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ from numabench.launcher.launch import LaunchOptions, Workload, run_launch
 from numabench.launcher.placement import coordinator_placement, pin_threads
 from numabench.plans import plan_for_launch
 from numabench.topology import read_machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_bare import IO_THREADS  # noqa: E402  (--io-threads: the same choices as vs_bare.py)
 
 GOAL_P50_US = 200.0
 GOAL_RATIO = 1.3
@@ -102,12 +106,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
-    ap.add_argument("--io-threads", choices=["auto", "off", "on"], default="auto",
+    ap.add_argument("--io-threads", choices=list(IO_THREADS), default="auto",
                     help="each worker's ZeroMQ threads on its own CPUs (on, as the bare echo has them), "
                          "on a CPU the plan leaves free (off), or numabench's choice (auto: here on)")
     ap.add_argument("-o", "--output", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
-    args.io_threads_off_cores = {"auto": None, "off": True, "on": False}[args.io_threads]
+    args.io_threads_off_cores = IO_THREADS[args.io_threads]
 
     machine = read_machine("/")
     plan = plan_for_launch(machine, instances=args.instances, cores_per_instance=args.cores_per_instance,

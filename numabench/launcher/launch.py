@@ -159,6 +159,9 @@ class _Run:
 
     def __init__(self, machine: Machine, plan: Plan, workload: Workload, opts: LaunchOptions):
         self.machine, self.plan, self.workload, self.opts = machine, plan, workload, opts
+        # Where the coordinator runs, for the spawn (workers' ZeroMQ threads), its own pinning
+        # and the loops target: one pure decision from the machine and the plan.
+        self.where = placement.coordinator_placement(machine, plan.cpus)
         self.run_dir = Path(opts.run_dir or default_run_dir())
         self.progress = Progress(opts.progress)
         self.startup: dict[int, dict[str, int]] = {}  # instance -> spawned/hello/ready (monotonic ns)
@@ -235,7 +238,7 @@ class _Run:
         w = self.workload
         applied_env: dict[int, dict[str, str]] = {}
         io_moved: dict[str, list[int]] = {}
-        where = placement.coordinator_placement(self.machine, self.plan.cpus)
+        where = self.where
         fork, why_exec = self.start_method()
         self._servers = group.servers
         self.start_record = {"method": "fork" if fork else "exec", "why_exec": why_exec}
@@ -300,7 +303,7 @@ class _Run:
     def place_coordinator(self) -> Callable[[], None]:
         """Pin the coordinator off the workers' CPUs (after they started: numactl refuses CPUs
         outside its parent's affinity); returns the undo."""
-        where = placement.coordinator_placement(self.machine, self.plan.cpus)
+        where = self.where
         if where.warning:
             self.warnings.append(where.warning)
         self.env_info["coordinator"] = where.record()
@@ -368,8 +371,7 @@ class _Run:
         loops: dict[int, int] = {}
         if w.mode == "throughput":
             # Longer requests when replies wake the coordinator on a worker's CPU (options.py).
-            shared = placement.coordinator_placement(self.machine, self.plan.cpus).shares_cpus_with_workers
-            target = LOOPS_TARGET_SHARED_NS if shared else LOOPS_TARGET_NS
+            target = LOOPS_TARGET_SHARED_NS if self.where.shares_cpus_with_workers else LOOPS_TARGET_NS
             if self.opts.loops is None:
                 loops = calibrate(coord, payloads, self.opts.request_timeout_s, target)
             else:

@@ -100,12 +100,12 @@ class Measurement:
         if self._answers:
             answers, self._answers = self._answers, []
             for p, received, compute, start in answers:
-                if p.loops == 1:
+                if p.loops == 1:  # integers, checked on arrival (measure's collect)
                     self._samples.append(Sample(p.instance, p.step, p.batch, p.sent_ns, received,
-                                                int(compute), int(start)))
+                                                compute, start))
                 else:
-                    self._samples.extend(Sample(p.instance, p.step + k, p.batch, p.sent_ns, received,
-                                                int(c), int(t)) for k, (c, t) in enumerate(zip(compute, start)))
+                    self._samples.extend(Sample(p.instance, p.step + k, p.batch, p.sent_ns, received, c, t)
+                                         for k, (c, t) in enumerate(zip(compute, start)))
         return self._samples
 
     def answered(self, p: Pending, received_ns: int, compute: Any, start: Any) -> None:
@@ -213,19 +213,22 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
                 raise WorkerFailed(iid, f"instance {iid} failed a request: {head.get('message')}")
             raise LaunchError(f"instance {iid} sent an unexpected {kind} message")
         compute, start = head["compute_ns"], head["start_ns"]
-        # The timings are checked here, made into Samples later (Measurement.samples).
+        # The timings are checked here, made into Samples later (Measurement.samples): one
+        # integer each for one pass, else a list of `loops` each (JSON gives exact ints).
         if p.loops == 1 and type(compute) is int and type(start) is int:  # the common case first
             answered(p, received, compute, start)
             return p.instance
-        if p.loops == 1 if type(compute) is not list else (
-                type(start) is list and len(compute) == len(start) == p.loops):
-            if p.loops == 1 or not (all(map(_is_int, compute)) and all(map(_is_int, start))):
-                raise LaunchError(f"instance {iid} sent timings that are not integers")
-            answered(p, received, compute, start)
-            return p.instance
-        got = f"a list of {len(compute)}" if type(compute) is list else "a single"
-        raise LaunchError(f"instance {iid} answered a request of {p.loops} pass{'es' if p.loops != 1 else ''} "
-                          f"with {got} compute_ns and {'a list' if type(start) is list else 'a single'} start_ns")
+        lists = type(compute) is list, type(start) is list
+        if p.loops == 1 and lists == (False, False):
+            raise LaunchError(f"instance {iid} sent timings that are not integers")
+        if lists != (True, True) or not len(compute) == len(start) == p.loops:
+            got = f"a list of {len(compute)}" if lists[0] else "a single"
+            raise LaunchError(f"instance {iid} answered a request of {p.loops} pass{'es' if p.loops != 1 else ''} "
+                              f"with {got} compute_ns and {'a list' if lists[1] else 'a single'} start_ns")
+        if p.loops == 1 or not all(type(x) is int for x in (*compute, *start)):
+            raise LaunchError(f"instance {iid} sent timings that are not integers")
+        answered(p, received, compute, start)
+        return p.instance
 
     m.window_start_ns = time.monotonic_ns()
     deadline = (m.window_start_ns + int(limits.duration_s * 1e9)
@@ -273,10 +276,6 @@ def measure(channel: Channel, batches: Mapping[int, int], payloads: Mapping[int,
             raise WorkerFailed(e.instance, _with_unanswered(str(e), left)) from None
         raise
     return m
-
-
-def _is_int(x: Any) -> bool:
-    return type(x) is int  # JSON gives int for integers; a float or bool is not a timing
 
 
 def _with_unanswered(message: str, left: int) -> str:

@@ -23,6 +23,7 @@ so worker and coordinator clocks are comparable on one host.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -207,22 +208,16 @@ class RequestDecoder:
         self._prefix = raw[:cut]
 
 
-_RESULT_TAILS: dict[tuple[tuple[int, ...], str], bytes] = {}  # (shape, dtype) -> bytes after end_ns
-
-
 def encode_result(req: Any, compute_ns: int | list[int], start_ns: int | list[int], end_ns: int,
                   output: dict[str, Any]) -> list[Any]:
     """A RESULT without array frames, formatted directly: the same JSON as `encode` gives for
     it (modulo key order) at a fraction of its cost on the path of every request. compute_ns and
     start_ns are lists (one per pass) for a RUN with "loops". Its timings come first and the
     rest (`_result_tail`, formatted once per output shape) last, which ResultDecoder relies on."""
-    if type(req) is not int or len(output) != 2 or "shape" not in output or output.get("dtype") not in _DTYPE_NAMES:
+    if type(req) is not int or len(output) != 2 or "shape" not in output or output.get("dtype") not in ALLOWED_DTYPES:
         return encode(RESULT, {"req": req, "compute_ns": compute_ns, "start_ns": start_ns,
                                "end_ns": end_ns, "output": output})
-    key = (tuple(output["shape"]), output["dtype"])
-    tail = _RESULT_TAILS.get(key)
-    if tail is None:
-        tail = _result_tail(*key)
+    tail = _result_tail(tuple(output["shape"]), output["dtype"])
     if type(compute_ns) is list:
         return [b'{"req":%d,"compute_ns":[%s],"start_ns":[%s],"end_ns":%d%s' % (
             req, ",".join(map(str, compute_ns)).encode(), ",".join(map(str, start_ns)).encode(),  # type: ignore[arg-type]
@@ -230,15 +225,13 @@ def encode_result(req: Any, compute_ns: int | list[int], start_ns: int | list[in
     return [b'{"req":%d,"compute_ns":%d,"start_ns":%d,"end_ns":%d%s' % (req, compute_ns, start_ns, end_ns, tail)]
 
 
+@functools.lru_cache(maxsize=64)  # a worker sees a few shapes; bounded all the same
 def _result_tail(shape: tuple[int, ...], dtype: str) -> bytes:
-    tail = (f',"output":{{"shape":[{",".join(str(int(d)) for d in shape)}],"dtype":"{dtype}"}},'
+    """The bytes of a RESULT after its end_ns, for an output of this shape and dtype."""
+    return (f',"output":{{"shape":[{",".join(str(int(d)) for d in shape)}],"dtype":"{dtype}"}},'
             f'"type":"RESULT","v":{PROTOCOL_VERSION},"arrays":[]}}').encode()
-    if len(_RESULT_TAILS) < 64:  # a worker sees a few shapes; a hostile stream must not grow it
-        _RESULT_TAILS[shape, dtype] = tail
-    return tail
 
 
-_DTYPE_NAMES = frozenset(_NAMES.values())
 # A RESULT as encode_result formats it for one pass: four JSON integers, then the tail.
 _INT = rb"(0|[1-9][0-9]{0,18})"
 _RESULT_HEAD = re.compile(rb'\{"req":%s,"compute_ns":%s,"start_ns":%s,"end_ns":%s(,"output":.*)\Z'
